@@ -1,0 +1,350 @@
+"""Scripted experts for EgoPush, and a random-exploration policy for world-model data.
+
+The expert's decisions use exact poses, but only of what its camera has seen, as
+EgoPush's privileged teacher does: `info["visible"]` / `info["goal_visible"]` come
+from a virtual field of view (frustum, range, occlusion), and the expert keeps a
+memory of the last pose it saw of each object and goal. With nothing useful in
+memory it searches (turn in place, then move to a lookout point and turn again),
+so its behaviour can be imitated from egocentric input alone.
+
+Pushing: go to a point behind the box on the box-goal line (detouring around the
+box when on the wrong side), face the goal, push with the plate's normal towards
+the goal while steering to keep the box centred on the plate, and re-approach
+when the box drifts off the plate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sim.env import ACTION_HIGH, ACTION_LOW, ARENA_HALF, PUSHER_OFFSET
+from sim.geometry import point_segment_distance, to_local, wrap_angle
+
+LOOKOUTS = np.array([[0.0, 0.0], [0.6, 0.6], [-0.6, -0.6], [0.6, -0.6], [-0.6, 0.6]])
+
+
+@dataclass
+class ExpertConfig:
+    v_max: float = 0.22
+    w_max: float = 1.8
+    standoff: float = 0.07  # gap between the pusher and the box face at the approach point
+    box_half: float = 0.05
+    orbit_radius: float = 0.3  # robot centre to box centre while circling to the far side
+    push_lateral_limit: float = 0.075  # box centre off the plate's centre line before re-approach
+    place_tolerance: float = 0.045  # formation: a box nearer its slot than this counts as placed
+    # noise injection with recovery (DART-like): executed = label + noise, recorded = label
+    noise_std: tuple[float, float] = (0.0, 0.0)
+    noise_prob: float = 0.0  # probability that an episode step falls in a noisy burst
+    seed: int | None = None
+
+
+def _heading_control(err: float, w_max: float, k: float = 3.0) -> float:
+    return float(np.clip(k * err, -w_max, w_max))
+
+
+class PushExpert:
+    """Scripted expert for both tasks (single: one box to its goal; formation: three boxes to slots)."""
+
+    def __init__(self, config: ExpertConfig | None = None, **overrides: Any) -> None:
+        self.cfg = config or ExpertConfig(**overrides)
+        self.rng = np.random.default_rng(self.cfg.seed)
+        self.label: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ Controller API
+    def reset(self, obs: dict, info: dict) -> None:
+        n, g = len(info["object_names"]), len(info["goal"])
+        self.pushable = [0] if g == 1 and not info.get("formation") else [1, 2, 3]
+        self.mem_obj: list[np.ndarray | None] = [None] * n
+        self.mem_goal: list[np.ndarray | None] = [None] * g
+        self.assignment: tuple[int, int] | None = None
+        self.mode = "search"
+        self.search_steps = 0
+        self.lookout = 0
+        self.lookout_target: np.ndarray | None = None
+        self.backoff = 0
+        self.stuck_counter = 0
+        self.escape = 0
+        self.last_pose: np.ndarray | None = None
+        self.unseen_in_view = np.zeros(n, int)
+        self.noise_left = 0
+        self._update_memory(info)
+
+    def act(self, obs: dict, info: dict | None = None) -> np.ndarray:
+        if info is None:
+            raise ValueError("PushExpert needs the env's info dict (it reads the virtual field of view)")
+        self._update_memory(info)
+        pose = np.asarray(info["robot_pose"], float)
+        label = self._decide(pose)
+        self.label = label
+        return self._maybe_noise(label)
+
+    # ------------------------------------------------------------------ perception memory
+    def _update_memory(self, info: dict) -> None:
+        poses, visible = info["object_poses"], info["visible"]
+        pose = np.asarray(info["robot_pose"], float)
+        for i in range(len(self.mem_obj)):
+            if visible[i]:
+                self.mem_obj[i] = poses[i].copy()
+                self.unseen_in_view[i] = 0
+            elif self.mem_obj[i] is not None and self._should_see(pose, self.mem_obj[i][:2]):
+                # remembered where it should now be in plain view, yet not seen: it was moved
+                self.unseen_in_view[i] += 1
+                if self.unseen_in_view[i] > 3:
+                    self.mem_obj[i] = None
+                    self.unseen_in_view[i] = 0
+                    if self.assignment is not None and self.assignment[0] == i:
+                        self.assignment = None
+        goal_visible = info["goal_visible"]
+        anchor_seen = bool(info.get("formation")) and visible[0]
+        for k in range(len(self.mem_goal)):
+            if goal_visible[k] or anchor_seen:  # formation slots follow from the anchor's pose
+                self.mem_goal[k] = np.asarray(info["goal"][k], float).copy()
+
+    @staticmethod
+    def _should_see(pose: np.ndarray, p: np.ndarray) -> bool:
+        local = to_local(p, pose)
+        return 0.45 < local[0] < 1.2 and abs(local[1]) < 0.35 * local[0]
+
+    # ------------------------------------------------------------------ decisions
+    def _decide(self, pose: np.ndarray) -> np.ndarray:
+        if self.escape > 0:  # unstick: back up while turning
+            self.escape -= 1
+            return np.array([-0.15, 1.2], np.float32)
+        if self._stuck(pose):
+            self.escape = 8
+            self.assignment = None
+            return np.array([-0.15, 1.2], np.float32)
+        if self.backoff > 0:  # formation: back away from a box just placed
+            self.backoff -= 1
+            return np.array([-0.18, 0.0], np.float32)
+
+        task = self._choose_task(pose)
+        if self.backoff > 0:
+            self.backoff -= 1
+            return np.array([-0.18, 0.0], np.float32)
+        if task is None:
+            return self._search(pose)
+        self.search_steps = 0
+        self.lookout_target = None
+        box_i, goal_k = task
+        box = self.mem_obj[box_i][:2]
+        goal = self.mem_goal[goal_k]
+        return self._push(pose, box_i, box, goal)
+
+    def _stuck(self, pose: np.ndarray) -> bool:
+        if self.last_pose is not None and self.mode in ("approach", "push"):
+            moved = np.linalg.norm(pose[:2] - self.last_pose[:2]) + 0.1 * abs(wrap_angle(pose[2] - self.last_pose[2]))
+            self.stuck_counter = self.stuck_counter + 1 if moved < 0.003 else 0
+        self.last_pose = pose
+        if self.stuck_counter > 15:
+            self.stuck_counter = 0
+            return True
+        return False
+
+    def _choose_task(self, pose: np.ndarray) -> tuple[int, int] | None:
+        """(object index, goal index) to work on, from memory; None when more must be seen."""
+        if len(self.mem_goal) == 1:
+            if self.mem_obj[0] is None or self.mem_goal[0] is None:
+                return None
+            return 0, 0
+        if self.assignment is not None:
+            i, k = self.assignment
+            if self.mem_obj[i] is not None and self.mem_goal[k] is not None:
+                if np.linalg.norm(self.mem_obj[i][:2] - self.mem_goal[k]) > self.cfg.place_tolerance:
+                    return self.assignment
+                # placed: back away from it before choosing the next box
+                self.assignment = None
+                self.backoff = 6
+                return None
+            self.assignment = None
+        if any(g is None for g in self.mem_goal):
+            return None
+        goals = np.array(self.mem_goal)
+        known = [i for i in self.pushable if self.mem_obj[i] is not None]
+        placed_goal, placed_box = set(), set()
+        # slots already holding a box count as done
+        for i in known:
+            d = np.linalg.norm(goals - self.mem_obj[i][:2], axis=1)
+            k = int(np.argmin(d))
+            if d[k] < self.cfg.place_tolerance + 0.01 and k not in placed_goal:
+                placed_goal.add(k)
+                placed_box.add(i)
+        free_goals = [k for k in range(len(goals)) if k not in placed_goal]
+        candidates = [i for i in known if i not in placed_box]
+        if not free_goals:
+            return None
+        if not candidates:
+            return None
+        obstacles = [self.mem_obj[j][:2] for j in range(len(self.mem_obj)) if self.mem_obj[j] is not None]
+        best, best_cost = None, np.inf
+        for i in candidates:
+            b = self.mem_obj[i][:2]
+            for k in free_goals:
+                g = goals[k]
+                cost = np.linalg.norm(pose[:2] - b) + 1.5 * np.linalg.norm(b - g)
+                # pushing through another object or a filled slot is costly
+                for o in obstacles + [goals[j] for j in placed_goal]:
+                    if np.linalg.norm(o - b) < 1e-6:
+                        continue
+                    if point_segment_distance(o, b, g) < 0.14:
+                        cost += 1.0
+                # the behind-point must be inside the arena
+                behind = b - (g - b) / max(np.linalg.norm(g - b), 1e-6) * 0.3
+                if np.any(np.abs(behind) > ARENA_HALF - 0.12):
+                    cost += 2.0
+                if cost < best_cost:
+                    best, best_cost = (i, k), cost
+        self.assignment = best
+        return best
+
+    def _search(self, pose: np.ndarray) -> np.ndarray:
+        """Turn in place for a full turn; if still missing something, go to the next lookout and turn again."""
+        self.mode = "search"
+        self.search_steps += 1
+        if self.lookout_target is None and self.search_steps <= 40:
+            return np.array([0.0, 1.6], np.float32)
+        if self.lookout_target is None:
+            d = np.linalg.norm(LOOKOUTS - pose[:2], axis=1)
+            order = np.argsort(d)
+            self.lookout_target = LOOKOUTS[order[self.lookout % len(LOOKOUTS)]]
+            self.lookout += 1
+        if np.linalg.norm(self.lookout_target - pose[:2]) < 0.1:
+            self.lookout_target = None
+            self.search_steps = 0
+            return np.array([0.0, 1.6], np.float32)
+        return self._goto(pose, self.lookout_target, avoid=self._obstacles())
+
+    def _obstacles(self, exclude: int | None = None) -> list[np.ndarray]:
+        return [m[:2] for j, m in enumerate(self.mem_obj) if m is not None and j != exclude]
+
+    def _push(self, pose: np.ndarray, box_i: int, box: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        c = self.cfg
+        to_goal = goal - box
+        dist_bg = np.linalg.norm(to_goal)
+        u = to_goal / max(dist_bg, 1e-6)
+        phi = np.arctan2(u[1], u[0])
+        local = to_local(box, pose)  # box centre in the robot frame
+        heading_err = wrap_angle(phi - pose[2])
+        contact = PUSHER_OFFSET + c.box_half
+
+        in_contact = (
+            contact - 0.04 < local[0] < contact + 0.09
+            and abs(local[1]) < c.push_lateral_limit
+            and abs(heading_err) < 0.7
+        )
+        if self.mode == "push" and not in_contact:
+            self.mode = "approach"
+        if self.mode != "push":
+            ready = (
+                contact - 0.02 < local[0] < contact + c.standoff + 0.05
+                and abs(local[1]) < 0.03
+                and abs(heading_err) < 0.2
+            )
+            if ready:
+                self.mode = "push"
+        if self.mode == "push":
+            # plate normal towards the goal, corrected to keep the box centred on the plate
+            desired = phi + np.clip(2.5 * local[1], -0.5, 0.5)
+            err = wrap_angle(desired - pose[2])
+            v = min(c.v_max, 0.6 * dist_bg + 0.04) * max(np.cos(err), 0.0)
+            return self._clip(v, _heading_control(err, c.w_max, 2.5))
+
+        self.mode = "approach"
+        behind = box - u * (contact + c.standoff)
+        behind = np.clip(behind, -(ARENA_HALF - 0.17), ARENA_HALF - 0.17)
+        if np.linalg.norm(pose[:2] - behind) < 0.03:
+            return self._clip(0.0, _heading_control(heading_err, c.w_max))
+        # orbit the box on a circle until inside the cone behind it, then go straight to the behind point
+        rel = pose[:2] - box
+        theta_robot = np.arctan2(rel[1], rel[0])
+        gap = wrap_angle(np.arctan2(-u[1], -u[0]) - theta_robot)
+        target = behind
+        if abs(gap) > 0.6:
+            theta = theta_robot + np.sign(gap) * min(abs(gap), 0.9)
+            radius = max(c.orbit_radius, min(np.linalg.norm(rel), 0.45))
+            target = np.clip(box + radius * np.array([np.cos(theta), np.sin(theta)]), -(ARENA_HALF - 0.15), ARENA_HALF - 0.15)
+        return self._goto(pose, target, avoid=self._obstacles(exclude=box_i), final_heading=phi if target is behind else None)
+
+    def _goto(
+        self, pose: np.ndarray, target: np.ndarray, avoid: list[np.ndarray] = (), final_heading: float | None = None
+    ) -> np.ndarray:
+        c = self.cfg
+        delta = target - pose[:2]
+        dist = np.linalg.norm(delta)
+        direction = delta / max(dist, 1e-6)
+        # repel from remembered obstacles close to the robot
+        for o in avoid:
+            away = pose[:2] - o
+            d = np.linalg.norm(away)
+            ahead = np.dot(-away, direction) > 0
+            if 1e-6 < d < 0.28 and ahead:
+                direction = direction + 0.6 * (0.28 - d) / 0.28 * away / d
+        bearing = np.arctan2(direction[1], direction[0])
+        if final_heading is not None and dist < 0.12:
+            # blend towards the final heading when close, so the robot arrives aligned
+            w = 1.0 - dist / 0.12
+            bearing = bearing + w * wrap_angle(final_heading - bearing)
+        err = wrap_angle(bearing - pose[2])
+        v = min(c.v_max, 1.2 * dist + 0.03) * max(np.cos(err), 0.0) ** 2
+        if abs(err) > 1.2:
+            v = 0.0
+        return self._clip(v, _heading_control(err, c.w_max))
+
+    def _clip(self, v: float, w: float) -> np.ndarray:
+        return np.clip(np.array([v, w], np.float32), ACTION_LOW, ACTION_HIGH)
+
+    def _maybe_noise(self, label: np.ndarray) -> np.ndarray:
+        c = self.cfg
+        if c.noise_prob <= 0 or max(c.noise_std) <= 0:
+            return label
+        if self.noise_left == 0 and self.rng.random() < c.noise_prob / 5.0:
+            self.noise_left = int(self.rng.integers(3, 8))  # a burst of a few steps
+        if self.noise_left > 0:
+            self.noise_left -= 1
+            noisy = label + self.rng.normal(0.0, 1.0, 2) * np.asarray(c.noise_std)
+            return np.clip(noisy, ACTION_LOW, ACTION_HIGH).astype(np.float32)
+        return label
+
+
+class RandomExplorer:
+    """Exploration for world-model data: smooth random driving, often steered into objects so that
+    the data holds many pushes. Uses the robot pose to stay off the walls."""
+
+    def __init__(self, seed: int | None = None, push_prob: float = 0.6) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.push_prob = push_prob
+        self.label = None
+
+    def reset(self, obs: dict, info: dict) -> None:
+        self.action = np.zeros(2)
+        self.target: int | None = None
+        self.segment = 0
+
+    def act(self, obs: dict, info: dict | None = None) -> np.ndarray:
+        if info is None:
+            raise ValueError("RandomExplorer needs the env's info dict (it reads the robot pose)")
+        pose = np.asarray(info["robot_pose"], float)
+        if self.segment <= 0:
+            self.segment = int(self.rng.integers(10, 40))
+            objs = np.asarray(info["object_poses"])
+            self.target = int(self.rng.integers(len(objs))) if self.rng.random() < self.push_prob else None
+        self.segment -= 1
+        if self.target is not None:
+            p = np.asarray(info["object_poses"])[self.target, :2]
+            err = wrap_angle(np.arctan2(p[1] - pose[1], p[0] - pose[0]) - pose[2])
+            a = np.array([0.2 * max(np.cos(err), 0.0), np.clip(2.5 * err, -1.8, 1.8)])
+        else:
+            # Ornstein-Uhlenbeck-like smooth random command with a forward bias
+            self.action = 0.85 * self.action + 0.15 * np.array([0.12, 0.0]) + self.rng.normal(0, [0.05, 0.5])
+            a = self.action.copy()
+        # turn back towards the centre near the walls
+        ahead = pose[:2] + 0.35 * np.array([np.cos(pose[2]), np.sin(pose[2])])
+        if np.any(np.abs(ahead) > ARENA_HALF - 0.1):
+            err = wrap_angle(np.arctan2(-pose[1], -pose[0]) - pose[2])
+            a = np.array([0.05 if abs(err) < 0.5 else -0.05, np.clip(3.0 * err, -1.8, 1.8)])
+        return np.clip(a, ACTION_LOW, ACTION_HIGH).astype(np.float32)
+
+
