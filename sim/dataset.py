@@ -31,19 +31,26 @@ either the old or the new version, never a torn mix. ``add_episode``:
 1. grows every ``data/<key>`` array and writes the episode's rows behind the
    committed end (invisible to readers, who never read past ``episode_ends[-1]``);
 2. writes the new ``committed.json`` -- this rename is the commit point;
-3. updates the ``meta/episode_*`` zarr mirrors (for tools that read the zarr
-   store alone, like diffusion_policy's ReplayBuffer; they may lag by one
-   episode after a crash, never lead, and are rewritten on the next open).
+3. updates the ``meta/episode_*`` zarr mirrors, for tools that read the zarr
+   store alone (like diffusion_policy's ReplayBuffer). zarr grows an array by
+   writing its new shape first and the chunk second, so a kill here can leave
+   a mirror one entry short or ending in one torn entry (the fill value 0).
+   Nothing in this module reads the mirrors; the next writer rewrites them.
 
 A kill before step 2 leaves data arrays longer than ``episode_ends[-1]``;
 opening a writer truncates them back (and deletes a half-created first-episode
 schema), so a rerun appends cleanly without duplicates. Readers never repair;
-they just ignore rows past the committed end. Why not rely on zarr alone:
-zarr 3.1's LocalStore does write each file to ``<name>.<uuid>.partial`` and
-renames it, but growing an array is two files (``zarr.json`` with the new
-shape, then chunks), there is no fsync, and a killed process leaves the
-``.partial`` files behind (the writer deletes them on open). One small file of
-our own is simpler to reason about than the order of zarr's internal writes.
+they just ignore rows past the committed end.
+
+What this relies on from zarr: the chunk holding the last committed rows is
+rewritten (read, merge, write) when the next episode starts inside it, so that
+file must be replaced atomically. zarr >= 3.1.3 LocalStore writes every file
+to ``<name>.<uuid>.partial`` and renames it into place (zarr-python PR #3412);
+older 3.x versions write in place, and the writer warns about them. The commit
+record itself does not trust zarr: growing an array is two files (``zarr.json``
+with the new shape, then chunks) and zarr does not fsync, so one small file of
+our own marks the commit. A killed process leaves zarr's ``.partial`` files
+behind; the writer deletes them on open.
 
 These guarantees cover process crashes (kill -9, OOM, exceptions). Against an
 OS crash or power loss pass ``durable=True``: the writer then flushes the data
@@ -66,10 +73,12 @@ import shutil
 import socket
 import time
 import uuid
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +99,12 @@ MAX_CHUNK_BYTES = 16 * 2**20
 # after this long is it considered abandoned.
 EMPTY_LOCK_GRACE_S = 10.0
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def _zarr_replaces_files_atomically() -> bool:
+    """True for zarr >= 3.1.3, whose LocalStore writes a temp file and renames it."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", zarr.__version__)
+    return match is None or tuple(int(g) for g in match.groups()) >= (3, 1, 3)
 
 
 class DatasetError(Exception):
@@ -121,6 +136,11 @@ class _Committed:
     def n_steps(self) -> int:
         return self.episode_ends[-1] if self.episode_ends else 0
 
+    @cached_property
+    def seed_set(self) -> frozenset[int]:
+        # Collectors ask has_seed() once per seed: keep that O(1).
+        return frozenset(s for s in self.seeds if s is not None)
+
     def appended(
         self,
         schema: dict[str, tuple[np.dtype, tuple[int, ...]]],
@@ -140,7 +160,8 @@ class _Committed:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "schema": {
-                k: {"dtype": dt.name, "shape": list(shape)} for k, (dt, shape) in self.schema.items()
+                key: {"dtype": dtype.name, "shape": list(shape)}
+                for key, (dtype, shape) in self.schema.items()
             },
             "episode_ends": list(self.episode_ends),
             "episode_seeds": list(self.seeds),
@@ -240,7 +261,8 @@ def _check_dataset_dir(root: Path) -> dict[str, Any]:
             raise DatasetError(f"{root}: cannot list the directory: {exc}") from None
         if not entries:
             raise DatasetError(
-                f"{root}: is an empty directory, not an episode dataset (nothing was recorded there)"
+                f"{root}: is an empty directory, not an episode dataset "
+                f"(nothing was recorded there)"
             )
         if (root / ".zgroup").exists() or (root / ".zarray").exists():
             raise DatasetError(
@@ -259,7 +281,7 @@ def _check_dataset_dir(root: Path) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("node_type") != "group":
         kind = doc.get("node_type") if isinstance(doc, dict) else type(doc).__name__
         raise DatasetError(
-            f"{root}: zarr.json describes a {kind!r}, not a zarr group, so not an episode dataset"
+            f"{root}: zarr.json has node_type {kind!r}, not a zarr group, so not an episode dataset"
         )
     attrs = doc.get("attributes") or {}
     if attrs.get("format") != FORMAT_NAME:
@@ -307,8 +329,13 @@ def _open_array(store: LocalStore, key: str, mode: str, root: Path) -> zarr.Arra
     return arr
 
 
-def _check_array(arr: zarr.Array, key: str, schema_entry: tuple[np.dtype, tuple[int, ...]],
-                 n_steps: int, root: Path) -> None:
+def _check_array(
+    arr: zarr.Array,
+    key: str,
+    schema_entry: tuple[np.dtype, tuple[int, ...]],
+    n_steps: int,
+    root: Path,
+) -> None:
     dtype, shape = schema_entry
     if np.dtype(arr.dtype) != dtype or tuple(arr.shape[1:]) != shape:
         raise DatasetError(
@@ -424,6 +451,7 @@ class EpisodeWriter:
         meta: JSON-compatible block stored in the root attrs (task id, seed,
             sim and code version, camera model, ...). For an existing dataset it
             must equal the stored one unless ``allow_meta_update``; None keeps it.
+        allow_meta_update: replace a differing stored meta instead of raising.
         chunk_steps: time steps per chunk (capped so a chunk stays <= 16 MiB).
         durable: ``os.sync()`` before each commit, for power-loss safety.
     """
@@ -443,6 +471,13 @@ class EpisodeWriter:
         self._chunk_steps = int(chunk_steps)
         self._durable = durable
         meta_json = None if meta is None else _jsonable(dict(meta), "meta")
+        if not _zarr_replaces_files_atomically():
+            warnings.warn(
+                f"zarr {zarr.__version__} rewrites chunk files in place: a crash while writing "
+                f"an episode can damage the previous one. Use zarr >= 3.1.3.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
         creating = not self.path.exists() or (
             self.path.is_dir() and not any(p.name != LOCK_FILE for p in self.path.iterdir())
@@ -498,10 +533,10 @@ class EpisodeWriter:
 
     def committed_seeds(self) -> set[int]:
         """Seeds already on disk: a resuming collector skips these."""
-        return {s for s in self._committed.seeds if s is not None}
+        return set(self._committed.seed_set)
 
     def has_seed(self, seed: int) -> bool:
-        return int(seed) in self.committed_seeds()
+        return int(seed) in self._committed.seed_set
 
     @property
     def closed(self) -> bool:
@@ -529,7 +564,7 @@ class EpisodeWriter:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
                 raise DatasetError(f"seed must be an int or None, got {type(seed).__name__}")
             seed = int(seed)
-            if seed in self.committed_seeds():
+            if seed in self._committed.seed_set:
                 raise DatasetError(
                     f"{self.path}: an episode with seed {seed} is already committed "
                     f"(skip seeds in committed_seeds() when resuming)"
@@ -554,10 +589,11 @@ class EpisodeWriter:
             try:
                 self._truncate_to_committed()
             except Exception as rollback_exc:
-                exc.add_note(
-                    f"rolling back the uncommitted episode also failed ({rollback_exc!r}); "
-                    f"the next EpisodeWriter on {self.path} repairs the store"
-                )
+                if hasattr(exc, "add_note"):  # Python >= 3.11
+                    exc.add_note(
+                        f"rolling back the uncommitted episode also failed ({rollback_exc!r}); "
+                        f"the next EpisodeWriter on {self.path} repairs the store"
+                    )
             raise
         self._committed = new
         self._append_mirrors(stop, seed)
@@ -835,10 +871,10 @@ class EpisodeDataset:
         return list(self._committed.seeds)
 
     def committed_seeds(self) -> set[int]:
-        return {s for s in self._committed.seeds if s is not None}
+        return set(self._committed.seed_set)
 
     def has_seed(self, seed: int) -> bool:
-        return int(seed) in self.committed_seeds()
+        return int(seed) in self._committed.seed_set
 
     def episode_info(self, index: int) -> dict[str, Any]:
         return json.loads(json.dumps(self._committed.infos[self._check_index(index)]))
@@ -971,7 +1007,9 @@ class WindowSampler:
         self.length = int(length)
         self.keys = dataset._check_keys(keys)
         self.pad_before, self.pad_after = int(pad_before), int(pad_after)
-        chosen = range(len(dataset)) if episodes is None else [dataset._check_index(e) for e in episodes]
+        chosen = (
+            range(len(dataset)) if episodes is None else [dataset._check_index(e) for e in episodes]
+        )
         lengths = dataset.episode_lengths
         parts = []
         for e in chosen:
@@ -1020,7 +1058,7 @@ _VIRIDIS_STOPS = np.array(
     [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
 )
 VIRIDIS_LUT: np.ndarray = np.stack(
-    [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, 5), _VIRIDIS_STOPS[:, c]) for c in range(3)],
+    [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, 5), stop) for stop in _VIRIDIS_STOPS.T],
     axis=1,
 ).round().astype(np.uint8)
 

@@ -87,7 +87,7 @@ class EgoPushConfig:
     segmentation: bool = False  # add per-pixel object ids to info["segmentation"]
 
 
-DEFAULT_MAX_STEPS = {("single", "easy"): 250, ("single", "hard"): 400, ("formation", "easy"): 700, ("formation", "hard"): 900}
+DEFAULT_MAX_STEPS = {("single", "easy"): 250, ("single", "hard"): 400, ("formation", "easy"): 1000, ("formation", "hard"): 1200}
 
 
 class EgoPushEnv(gym.Env):
@@ -113,8 +113,13 @@ class EgoPushEnv(gym.Env):
         self.render_mode = render_mode
         h, w = (cfg.image_size, cfg.image_size) if np.isscalar(cfg.image_size) else tuple(cfg.image_size)
         self.image_shape = (int(h), int(w))
-        self.max_steps = cfg.max_steps or DEFAULT_MAX_STEPS[(cfg.task, cfg.level)]
-        self.tolerance = cfg.success_tolerance or (0.07 if cfg.task == "single" else 0.08)
+        for name in ("max_steps", "success_tolerance"):
+            value = getattr(cfg, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive or None (task default), got {value!r}")
+        self.max_steps = cfg.max_steps if cfg.max_steps is not None else DEFAULT_MAX_STEPS[(cfg.task, cfg.level)]
+        tol = cfg.success_tolerance
+        self.tolerance = tol if tol is not None else (0.07 if cfg.task == "single" else 0.08)
 
         self.model = mujoco.MjModel.from_xml_path(str(SCENE_XML))
         self.data = mujoco.MjData(self.model)
@@ -241,8 +246,8 @@ class EgoPushEnv(gym.Env):
         mujoco.mj_step(self.model, self.data, nstep=self.n_substeps)
         self._update_odometry(pose_before)
         self._update_markers()
-        if self.formation is not None:
-            mujoco.mj_kinematics(self.model, self.data)
+        # mj_step leaves positions-derived quantities (body and camera poses) one substep behind qpos
+        mujoco.mj_forward(self.model, self.data)
         self._steps += 1
         errors = self.goal_errors()
         success = bool(np.all(errors < self.tolerance))
@@ -343,11 +348,22 @@ class EgoPushEnv(gym.Env):
         for _ in range(10_000):
             robot = np.array([*rng.uniform(-lim_robot, lim_robot, 2), rng.uniform(-np.pi, np.pi)])
             placed = self._sample_task_layout(rng, robot, lim_obj)
-            if placed is not None:
-                break
-        else:  # pragma: no cover - the layouts above are far from infeasible
-            raise RuntimeError("could not sample a scene layout")
-        positions, goals = placed
+            if placed is None:
+                continue
+            self._apply_layout(rng, robot, *placed)
+            if self.config.level == "hard" or self._all_task_items_visible():
+                return
+        raise RuntimeError("could not sample a scene layout")  # pragma: no cover - layouts are far from infeasible
+
+    def _all_task_items_visible(self) -> bool:
+        """Easy level: every box of the task and every goal must be seen, unoccluded, at the start."""
+        mujoco.mj_forward(self.model, self.data)
+        self._update_markers()
+        info = self._visibility_info()
+        n_boxes = 1 if self.formation is None else 4
+        return bool(info["visible"][:n_boxes].all() and info["goal_visible"].all())
+
+    def _apply_layout(self, rng: np.random.Generator, robot: np.ndarray, positions: np.ndarray, goals: np.ndarray) -> None:
         d = self.data
         d.qpos[self._robot_qadr : self._robot_qadr + 7] = [robot[0], robot[1], 0.04, *quat_from_yaw(robot[2])]
         d.qvel[self._robot_vadr : self._robot_vadr + 6] = 0.0
@@ -552,17 +568,12 @@ class EgoPushEnv(gym.Env):
         return out
 
     def _info(self, errors: np.ndarray, success: bool) -> dict[str, Any]:
-        poses = self.object_poses()
-        goals = self.goal_points()
-        obj_pts = np.column_stack([poses[:, :2], [self.model.geom_size[self._obj[n]["geom"]][2] * 0.5 + 0.02 for n in self.objects]])
-        goal_pts = np.column_stack([goals, np.zeros(len(goals))])
         info: dict[str, Any] = {
             "robot_pose": self.robot_pose(),
-            "object_poses": poses,
+            "object_poses": self.object_poses(),
             "object_names": list(self.objects),
-            "goal": goals,
-            "visible": self._visibility(obj_pts, [self._obj[n]["geom"] for n in self.objects]),
-            "goal_visible": self._visibility(goal_pts, [None] * len(goals)),
+            "goal": self.goal_points(),
+            **self._visibility_info(),
             "goal_errors": errors,
             "is_success": success,
             "action_clipped": False,
@@ -574,6 +585,16 @@ class EgoPushEnv(gym.Env):
         if self.config.segmentation:
             info["segmentation"] = self.segmentation()
         return info
+
+    def _visibility_info(self) -> dict[str, np.ndarray]:
+        poses = self.object_poses()
+        goals = self.goal_points()
+        obj_pts = np.column_stack([poses[:, :2], [self.model.geom_size[self._obj[n]["geom"]][2] * 0.5 + 0.02 for n in self.objects]])
+        goal_pts = np.column_stack([goals, np.zeros(len(goals))])
+        return {
+            "visible": self._visibility(obj_pts, [self._obj[n]["geom"] for n in self.objects]),
+            "goal_visible": self._visibility(goal_pts, [None] * len(goals)),
+        }
 
     def segmentation(self) -> np.ndarray:
         """Per-pixel object class (H, W) int32 of the head camera, ids as in info["seg_ids"]."""

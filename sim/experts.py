@@ -28,11 +28,14 @@ LOOKOUTS = np.array([[0.0, 0.0], [0.6, 0.6], [-0.6, -0.6], [0.6, -0.6], [-0.6, 0
 
 @dataclass
 class ExpertConfig:
-    v_max: float = 0.22
+    v_max: float = 0.25
     w_max: float = 1.8
-    standoff: float = 0.07  # gap between the pusher and the box face at the approach point
+    standoff: float = 0.12  # gap between the pusher and the box face at the approach point
     box_half: float = 0.05
-    orbit_radius: float = 0.3  # robot centre to box centre while circling to the far side
+    obstacle_clearance: float = 0.24  # robot centre to an obstacle's centre
+    target_clearance: float = 0.23  # robot centre to the pushed box's centre while going behind it
+    staging_distance: float = 0.3  # formation: slots are entered from this far outside
+    lookahead: float = 0.1  # metres along a planned path to steer at
     push_lateral_limit: float = 0.075  # box centre off the plate's centre line before re-approach
     place_tolerance: float = 0.045  # formation: a box nearer its slot than this counts as placed
     # noise injection with recovery (DART-like): executed = label + noise, recorded = label
@@ -51,11 +54,13 @@ class PushExpert:
     def __init__(self, config: ExpertConfig | None = None, **overrides: Any) -> None:
         self.cfg = config or ExpertConfig(**overrides)
         self.rng = np.random.default_rng(self.cfg.seed)
+        self.planner = GridPlanner()
         self.label: np.ndarray | None = None
 
     # ------------------------------------------------------------------ Controller API
     def reset(self, obs: dict, info: dict) -> None:
         n, g = len(info["object_names"]), len(info["goal"])
+        self.formation = info.get("formation") or None
         self.pushable = [0] if g == 1 and not info.get("formation") else [1, 2, 3]
         self.mem_obj: list[np.ndarray | None] = [None] * n
         self.mem_goal: list[np.ndarray | None] = [None] * g
@@ -89,7 +94,7 @@ class PushExpert:
             if visible[i]:
                 self.mem_obj[i] = poses[i].copy()
                 self.unseen_in_view[i] = 0
-            elif self.mem_obj[i] is not None and self._should_see(pose, self.mem_obj[i][:2]):
+            elif self.mem_obj[i] is not None and self._should_see(pose, i):
                 # remembered where it should now be in plain view, yet not seen: it was moved
                 self.unseen_in_view[i] += 1
                 if self.unseen_in_view[i] > 3:
@@ -103,10 +108,17 @@ class PushExpert:
             if goal_visible[k] or anchor_seen:  # formation slots follow from the anchor's pose
                 self.mem_goal[k] = np.asarray(info["goal"][k], float).copy()
 
-    @staticmethod
-    def _should_see(pose: np.ndarray, p: np.ndarray) -> bool:
+    def _should_see(self, pose: np.ndarray, i: int) -> bool:
+        """Whether remembered object i would be in plain view now (ahead, in range, nothing remembered in between)."""
+        p = self.mem_obj[i][:2]
         local = to_local(p, pose)
-        return 0.45 < local[0] < 1.2 and abs(local[1]) < 0.35 * local[0]
+        if not (0.45 < local[0] < 1.2 and abs(local[1]) < 0.35 * local[0]):
+            return False
+        return not any(
+            point_segment_distance(m[:2], pose[:2], p) < 0.12
+            for j, m in enumerate(self.mem_obj)
+            if m is not None and j != i
+        )
 
     # ------------------------------------------------------------------ decisions
     def _decide(self, pose: np.ndarray) -> np.ndarray:
@@ -131,8 +143,30 @@ class PushExpert:
         self.lookout_target = None
         box_i, goal_k = task
         box = self.mem_obj[box_i][:2]
+        return self._push(pose, box_i, box, self._push_target(box, goal_k))
+
+    def _push_target(self, box: np.ndarray, goal_k: int) -> np.ndarray:
+        """Where to push the box now. Formation slots are entered from outside the formation:
+        first to a staging point out from the slot, then straight in, so that pushes never cross
+        the anchor or boxes already placed."""
         goal = self.mem_goal[goal_k]
-        return self._push(pose, box_i, box, goal)
+        if self.formation is None or self.mem_obj[0] is None:
+            return goal
+        anchor = self.mem_obj[0][:2]
+        if self.formation == "line":
+            along = goal - anchor
+            outward = np.array([-along[1], along[0]]) / max(np.linalg.norm(along), 1e-6)
+            if np.dot(box - goal, outward) < 0:
+                outward = -outward
+        else:
+            centre = np.mean([anchor, *self.mem_goal], axis=0)
+            outward = (goal - centre) / max(np.linalg.norm(goal - centre), 1e-6)
+        rel = box - goal
+        dist = np.linalg.norm(rel)
+        on_axis = np.dot(rel, outward) > 0.0 and abs(np.cross(outward, rel)) < 0.04
+        if on_axis and dist < self.cfg.staging_distance + 0.08:
+            return goal
+        return goal + outward * self.cfg.staging_distance
 
     def _stuck(self, pose: np.ndarray) -> bool:
         if self.last_pose is not None and self.mode in ("approach", "push"):
@@ -215,10 +249,11 @@ class PushExpert:
             self.lookout_target = None
             self.search_steps = 0
             return np.array([0.0, 1.6], np.float32)
-        return self._goto(pose, self.lookout_target, avoid=self._obstacles())
+        return self._goto(pose, self.lookout_target, self._obstacles())
 
-    def _obstacles(self, exclude: int | None = None) -> list[np.ndarray]:
-        return [m[:2] for j, m in enumerate(self.mem_obj) if m is not None and j != exclude]
+    def _obstacles(self, exclude: int | None = None) -> list[tuple[np.ndarray, float]]:
+        """Remembered objects as (centre, clearance the robot's centre must keep)."""
+        return [(m[:2], self.cfg.obstacle_clearance) for j, m in enumerate(self.mem_obj) if m is not None and j != exclude]
 
     def _push(self, pose: np.ndarray, box_i: int, box: np.ndarray, goal: np.ndarray) -> np.ndarray:
         c = self.cfg
@@ -237,14 +272,6 @@ class PushExpert:
         )
         if self.mode == "push" and not in_contact:
             self.mode = "approach"
-        if self.mode != "push":
-            ready = (
-                contact - 0.02 < local[0] < contact + c.standoff + 0.05
-                and abs(local[1]) < 0.03
-                and abs(heading_err) < 0.2
-            )
-            if ready:
-                self.mode = "push"
         if self.mode == "push":
             # plate normal towards the goal, corrected to keep the box centred on the plate
             desired = phi + np.clip(2.5 * local[1], -0.5, 0.5)
@@ -252,44 +279,40 @@ class PushExpert:
             v = min(c.v_max, 0.6 * dist_bg + 0.04) * max(np.cos(err), 0.0)
             return self._clip(v, _heading_control(err, c.w_max, 2.5))
 
-        self.mode = "approach"
         behind = box - u * (contact + c.standoff)
-        behind = np.clip(behind, -(ARENA_HALF - 0.17), ARENA_HALF - 0.17)
-        if np.linalg.norm(pose[:2] - behind) < 0.03:
-            return self._clip(0.0, _heading_control(heading_err, c.w_max))
-        # orbit the box on a circle until inside the cone behind it, then go straight to the behind point
-        rel = pose[:2] - box
-        theta_robot = np.arctan2(rel[1], rel[0])
-        gap = wrap_angle(np.arctan2(-u[1], -u[0]) - theta_robot)
-        target = behind
-        if abs(gap) > 0.6:
-            theta = theta_robot + np.sign(gap) * min(abs(gap), 0.9)
-            radius = max(c.orbit_radius, min(np.linalg.norm(rel), 0.45))
-            target = np.clip(box + radius * np.array([np.cos(theta), np.sin(theta)]), -(ARENA_HALF - 0.15), ARENA_HALF - 0.15)
-        return self._goto(pose, target, avoid=self._obstacles(exclude=box_i), final_heading=phi if target is behind else None)
+        behind = np.clip(behind, -(ARENA_HALF - 0.15), ARENA_HALF - 0.15)
+        dist_behind = np.linalg.norm(pose[:2] - behind)
+        if self.mode == "align" and dist_behind > 0.07:
+            self.mode = "approach"
+        if self.mode == "approach" and dist_behind < 0.035:
+            self.mode = "align"
+        if self.mode == "align":
+            # turn in place to face the goal, then push if the box sits on the plate
+            if abs(heading_err) < 0.12:
+                if abs(local[1]) < 0.05 and contact - 0.03 < local[0] < contact + c.standoff + 0.06:
+                    self.mode = "push"
+                    return self._clip(0.05, _heading_control(heading_err, c.w_max))
+                self.mode = "approach"
+            else:
+                return self._clip(0.0, _heading_control(heading_err, c.w_max, 2.0))
+        self.mode = "approach"
+        obstacles = self._obstacles(exclude=box_i) + [(box, c.target_clearance)]
+        return self._goto(pose, behind, obstacles)
 
-    def _goto(
-        self, pose: np.ndarray, target: np.ndarray, avoid: list[np.ndarray] = (), final_heading: float | None = None
-    ) -> np.ndarray:
+    def _goto(self, pose: np.ndarray, target: np.ndarray, obstacles: list[tuple[np.ndarray, float]]) -> np.ndarray:
+        """Drive towards target: straight when the way is clear, else along a grid path around obstacles."""
         c = self.cfg
-        delta = target - pose[:2]
+        waypoint = target
+        blocked = any(point_segment_distance(o, pose[:2], target) < r for o, r in obstacles)
+        if blocked:
+            path = self.planner.plan(pose[:2], target, obstacles)
+            along = np.cumsum(np.r_[0.0, np.linalg.norm(np.diff(path, axis=0), axis=1)])
+            waypoint = path[min(np.searchsorted(along, c.lookahead), len(path) - 1)]
+        delta = waypoint - pose[:2]
         dist = np.linalg.norm(delta)
-        direction = delta / max(dist, 1e-6)
-        # repel from remembered obstacles close to the robot
-        for o in avoid:
-            away = pose[:2] - o
-            d = np.linalg.norm(away)
-            ahead = np.dot(-away, direction) > 0
-            if 1e-6 < d < 0.28 and ahead:
-                direction = direction + 0.6 * (0.28 - d) / 0.28 * away / d
-        bearing = np.arctan2(direction[1], direction[0])
-        if final_heading is not None and dist < 0.12:
-            # blend towards the final heading when close, so the robot arrives aligned
-            w = 1.0 - dist / 0.12
-            bearing = bearing + w * wrap_angle(final_heading - bearing)
-        err = wrap_angle(bearing - pose[2])
-        v = min(c.v_max, 1.2 * dist + 0.03) * max(np.cos(err), 0.0) ** 2
-        if abs(err) > 1.2:
+        err = wrap_angle(np.arctan2(delta[1], delta[0]) - pose[2])
+        v = min(c.v_max, 1.2 * np.linalg.norm(target - pose[:2]) + 0.03) * max(np.cos(err), 0.0) ** 2
+        if abs(err) > 1.0 or dist < 1e-3:
             v = 0.0
         return self._clip(v, _heading_control(err, c.w_max))
 
@@ -307,6 +330,58 @@ class PushExpert:
             noisy = label + self.rng.normal(0.0, 1.0, 2) * np.asarray(c.noise_std)
             return np.clip(noisy, ACTION_LOW, ACTION_HIGH).astype(np.float32)
         return label
+
+
+class GridPlanner:
+    """Shortest paths for the robot's centre on a 5 cm grid of the arena, around known obstacles.
+
+    Cells near an obstacle are not forbidden but expensive, so a path always exists,
+    even when the robot starts inside an inflated obstacle.
+    """
+
+    def __init__(self, resolution: float = 0.05, wall_clearance: float = 0.14) -> None:
+        self.res = resolution
+        half = ARENA_HALF - wall_clearance
+        self.coords = np.arange(-half, half + 1e-9, resolution)
+        n = len(self.coords)
+        self.n = n
+        gx, gy = np.meshgrid(self.coords, self.coords, indexing="ij")
+        self.cells = np.stack([gx.ravel(), gy.ravel()], axis=1)  # (n*n, 2)
+        idx = np.arange(n * n).reshape(n, n)
+        rows, cols, lengths = [], [], []
+        for di, dj in ((1, 0), (0, 1), (1, 1), (1, -1)):  # each undirected 8-neighbour edge once
+            j0, j1 = max(0, -dj), n - max(0, dj)
+            a = idx[0 : n - di, j0:j1].ravel()
+            b = idx[di:n, j0 + dj : j1 + dj].ravel()
+            rows += [a, b]
+            cols += [b, a]
+            lengths.append(np.full(2 * a.size, np.hypot(di, dj) * resolution))
+        self.rows = np.concatenate(rows)
+        self.cols = np.concatenate(cols)
+        self.lengths = np.concatenate(lengths)
+
+    def cell(self, p: np.ndarray) -> int:
+        i = int(np.clip(np.rint((p[0] - self.coords[0]) / self.res), 0, self.n - 1))
+        j = int(np.clip(np.rint((p[1] - self.coords[0]) / self.res), 0, self.n - 1))
+        return i * self.n + j
+
+    def plan(self, start: np.ndarray, goal: np.ndarray, obstacles: list[tuple[np.ndarray, float]]) -> np.ndarray:
+        """Waypoints (K, 2) from start to goal; obstacles are (centre, inflation radius)."""
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import dijkstra
+
+        cost = np.ones(len(self.cells))
+        for centre, radius in obstacles:
+            d = np.linalg.norm(self.cells - centre, axis=1)
+            cost += np.where(d < radius, 30.0 * (1.0 + (radius - d) / radius), 0.0)
+        weights = self.lengths * 0.5 * (cost[self.rows] + cost[self.cols])
+        graph = csr_matrix((weights, (self.rows, self.cols)), shape=(len(self.cells),) * 2)
+        s, g = self.cell(start), self.cell(goal)
+        _, pred = dijkstra(graph, indices=s, return_predecessors=True)
+        path = [g]
+        while path[-1] != s and pred[path[-1]] >= 0:
+            path.append(pred[path[-1]])
+        return np.concatenate([self.cells[path[::-1]], goal[None]])
 
 
 class RandomExplorer:

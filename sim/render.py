@@ -15,6 +15,23 @@ import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _gl_context(width: int, height: int):
+    """An offscreen GL context of the backend MUJOCO_GL names (egl by default, for headless machines).
+
+    Chosen here rather than by `mujoco`'s import-time default, which depends on import order.
+    """
+    backend = os.environ.get("MUJOCO_GL", "egl").lower()
+    if backend == "egl":
+        from mujoco.egl import GLContext
+    elif backend == "osmesa":
+        from mujoco.osmesa import GLContext
+    elif backend == "glfw":
+        from mujoco.glfw import GLContext
+    else:
+        raise ValueError(f"MUJOCO_GL={backend!r} is not supported; use egl, osmesa or glfw")
+    return GLContext(width, height)
+
+
 class RGBDRenderer:
     """Renders `(rgb uint8 (H, W, 3), depth float32 (H, W) metres)` from a named camera.
 
@@ -34,9 +51,7 @@ class RGBDRenderer:
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
 
-        from mujoco.rendering.classic import gl_context
-
-        self._gl = gl_context.GLContext(self.width, self.height)
+        self._gl = _gl_context(self.width, self.height)
         self._gl.make_current()
         self._con = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_150)
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._con)

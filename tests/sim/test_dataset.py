@@ -8,6 +8,7 @@ import os
 import pickle
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -79,7 +80,8 @@ def write_dataset(path: Path, seeds=(0, 1, 2), lengths=(5, 17, 30)) -> dict[int,
 def run_child(code: str) -> subprocess.Popen:
     """A Python child that imports this repo's code and ``make_episode``."""
     source = "import numpy as np\n" + inspect.getsource(make_episode) + textwrap.dedent(code)
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pythonpath = str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = dict(os.environ, PYTHONPATH=pythonpath)
     return subprocess.Popen(
         [sys.executable, "-c", source], cwd=REPO_ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -386,11 +388,12 @@ print("DONE", flush=True)
 
 def test_kills_at_random_moments_never_break_the_store(tmp_path: Path) -> None:
     path = tmp_path / "ds"
-    n_seeds = 60
-    code = CHILD_RESUMING_COLLECTOR.replace("PATH", repr(str(path))).replace("N_SEEDS", str(n_seeds))
+    n_seeds = 30
+    code = CHILD_RESUMING_COLLECTOR.replace("PATH", repr(str(path)))
+    code = code.replace("N_SEEDS", str(n_seeds))
     rng = np.random.default_rng(0)
     seen = 0
-    for _ in range(6):
+    for _ in range(4):
         proc = run_child(code)
         wait_for_line(proc, "READY")
         time.sleep(rng.uniform(0.0, 0.25))
@@ -400,6 +403,11 @@ def test_kills_at_random_moments_never_break_the_store(tmp_path: Path) -> None:
         seeds = ds.seeds()
         assert seeds == list(range(len(seeds)))  # resumed in order, no duplicates, no gaps
         assert len(seeds) >= seen
+        # The zarr mirror is updated after the commit: after a kill it may lag by one
+        # entry or end in one torn entry, never lead; the next writer rewrites it.
+        mirror = list(zarr.open_group(str(path), mode="r")["meta/episode_ends"][:])
+        assert len(mirror) <= len(seeds)
+        assert mirror[:-1] == list(ds.episode_ends[: len(mirror) - 1])
         seen = len(seeds)
         for i in rng.choice(len(seeds), size=min(3, len(seeds)), replace=False):
             assert_episode_equal(ds.episode(i), make_episode(int(i), 3 + int(i) % 9, size=32))
@@ -408,6 +416,8 @@ def test_kills_at_random_moments_never_break_the_store(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     ds = EpisodeDataset(path)
     assert ds.seeds() == list(range(n_seeds))
+    mirror = zarr.open_group(str(path), mode="r")["meta/episode_ends"][:]
+    assert np.array_equal(mirror, ds.episode_ends)
     for i in range(n_seeds):
         assert_episode_equal(ds.episode(i), make_episode(i, 3 + i % 9, size=32))
 
@@ -447,7 +457,7 @@ def test_lock_allows_one_live_writer(tmp_path: Path) -> None:
     assert not (path / "writer.lock").exists()
     EpisodeWriter(path).close()
 
-    host = os.uname().nodename
+    host = socket.gethostname()
     lock = path / "writer.lock"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -513,7 +523,8 @@ def test_export_odd_sizes_become_even(tmp_path: Path) -> None:
             "rgb": rng.integers(0, 256, (T, H, W, 3), dtype=np.uint8),
             "depth": rng.uniform(0.5, 3.0, (T, H, W)).astype(np.float32),
         })
-    frames = imageio.mimread(export_episode(tmp_path / "ds", 0, tmp_path / "odd.mp4"), memtest=False)
+    video = export_episode(tmp_path / "ds", 0, tmp_path / "odd.mp4")
+    frames = imageio.mimread(video, memtest=False)
     assert len(frames) == T
     h, w = frames[0].shape[:2]
     assert h >= 256 and h % 2 == 0 and w % 2 == 0
