@@ -266,7 +266,7 @@ class PushExpert:
         contact = PUSHER_OFFSET + c.box_half
 
         in_contact = (
-            contact - 0.04 < local[0] < contact + 0.09
+            contact - 0.04 < local[0] < contact + c.standoff + 0.08
             and abs(local[1]) < c.push_lateral_limit
             and abs(heading_err) < 0.7
         )
@@ -287,14 +287,14 @@ class PushExpert:
         if self.mode == "approach" and dist_behind < 0.035:
             self.mode = "align"
         if self.mode == "align":
-            # turn in place to face the goal, then push if the box sits on the plate
-            if abs(heading_err) < 0.12:
-                if abs(local[1]) < 0.05 and contact - 0.03 < local[0] < contact + c.standoff + 0.06:
-                    self.mode = "push"
-                    return self._clip(0.05, _heading_control(heading_err, c.w_max))
-                self.mode = "approach"
-            else:
-                return self._clip(0.0, _heading_control(heading_err, c.w_max, 2.0))
+            # turn in place to face the box; push once the robot, box and goal are in line
+            to_box = np.arctan2(box[1] - pose[1], box[0] - pose[0])
+            facing_err = wrap_angle(to_box - pose[2])
+            if abs(facing_err) > 0.1:
+                return self._clip(0.0, _heading_control(facing_err, c.w_max, 2.0))
+            if abs(wrap_angle(to_box - phi)) < 0.25 and contact - 0.03 < local[0] < contact + c.standoff + 0.06:
+                self.mode = "push"
+                return self._clip(0.08, _heading_control(facing_err, c.w_max))
         self.mode = "approach"
         obstacles = self._obstacles(exclude=box_i) + [(box, c.target_clearance)]
         return self._goto(pose, behind, obstacles)

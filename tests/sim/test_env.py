@@ -1,9 +1,6 @@
 """Tests for sim.env: gymnasium API, the DESIGN.md observation contract, metric depth with
 consistent intrinsics/cam_pose, determinism, input validation, levels, domain randomisation,
 success/termination. Real MuJoCo physics and EGL rendering, no mocks.
-
-Tests marked xfail(strict=True) pin down known bugs in sim/ (see each reason); they turn
-into failures (XPASS) once the bug is fixed, as a reminder to drop the marker.
 """
 
 from __future__ import annotations
@@ -226,13 +223,6 @@ def test_cam_pose_is_the_head_camera_on_the_robot(make_env, task):
         assert np.linalg.norm(info["robot_pose"][:2] - start[:2]) > 0.03  # it did drive
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sim/env.py step(): obs/info are built from kinematics one physics substep old. mj_step "
-    "leaves xpos/xmat/cam_xpos at the pre-integration state; single task: cam_pose and the image lag qpos; "
-    "formation: mj_kinematics refreshes geoms but not cam_xpos (mj_camlight), so the image is rendered from "
-    "a stale camera and no longer matches cam_pose. Fix: call mujoco.mj_forward after _update_markers().",
-)
 @pytest.mark.parametrize("task", ["single", "formation"])
 def test_observation_shows_the_state_after_the_step(make_env, task):
     env = make_env(task=task)
@@ -352,13 +342,6 @@ def test_easy_level_starts_with_task_objects_in_the_field_of_view(make_env, task
             assert info["visible"][0], f"seed {seed}: the target box is unoccluded"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sim/env.py _sample_task_layout(): the easy layout only checks that each item lies inside the "
-    "horizontal FOV, not that items don't hide each other; the target box often hides the goal marker "
-    "(single, ~18% of seeds) and boxes hide each other (formation, ~55%). Fix: in easy, reject layouts where "
-    "_visibility() of the task boxes/goals is not all True (resample).",
-)
 @pytest.mark.parametrize("task", ["single", "formation"])
 def test_easy_level_task_objects_are_not_occluded_at_reset(make_env, task):
     env = make_env(task=task, level="easy")
@@ -518,13 +501,6 @@ def test_render_gives_overview_frame(make_env):
     assert make_env().render() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sim/render.py: `import mujoco` fixes its GL backend (glfw when MUJOCO_GL is unset) at import; "
-    "sim only setdefault()s MUJOCO_GL=egl, so `import mujoco; import sim` on a headless machine fails with "
-    "FatalError in MjrContext. Fix: in RGBDRenderer pick the context class from MUJOCO_GL itself "
-    "(egl -> mujoco.egl.GLContext, osmesa -> mujoco.osmesa.GLContext, else mujoco.glfw.GLContext).",
-)
 def test_headless_rendering_does_not_depend_on_import_order():
     code = (
         "import mujoco\nimport sim\nfrom sim.env import EgoPushEnv\n"
