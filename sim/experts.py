@@ -34,7 +34,8 @@ class ExpertConfig:
     box_half: float = 0.05
     obstacle_clearance: float = 0.24  # robot centre to an obstacle's centre
     target_clearance: float = 0.23  # robot centre to the pushed box's centre while going behind it
-    staging_distance: float = 0.3  # formation: slots are entered from this far outside
+    corridor: float = 0.18  # half-width of the swept path of a push that must be free of other objects
+    box_lookahead: float = 0.25  # metres along a box's planned path to push towards
     lookahead: float = 0.1  # metres along a planned path to steer at
     push_lateral_limit: float = 0.075  # box centre off the plate's centre line before re-approach
     place_tolerance: float = 0.045  # formation: a box nearer its slot than this counts as placed
@@ -146,27 +147,18 @@ class PushExpert:
         return self._push(pose, box_i, box, self._push_target(box, goal_k))
 
     def _push_target(self, box: np.ndarray, goal_k: int) -> np.ndarray:
-        """Where to push the box now. Formation slots are entered from outside the formation:
-        first to a staging point out from the slot, then straight in, so that pushes never cross
-        the anchor or boxes already placed."""
+        """Where to push the box now: straight to its goal when the swept path is clear, else to a
+        point ahead on a path planned for the box around the anchor and the boxes already placed."""
         goal = self.mem_goal[goal_k]
         if self.formation is None or self.mem_obj[0] is None:
             return goal
-        anchor = self.mem_obj[0][:2]
-        if self.formation == "line":
-            along = goal - anchor
-            outward = np.array([-along[1], along[0]]) / max(np.linalg.norm(along), 1e-6)
-            if np.dot(box - goal, outward) < 0:
-                outward = -outward
-        else:
-            centre = np.mean([anchor, *self.mem_goal], axis=0)
-            outward = (goal - centre) / max(np.linalg.norm(goal - centre), 1e-6)
-        rel = box - goal
-        dist = np.linalg.norm(rel)
-        on_axis = np.dot(rel, outward) > 0.0 and abs(np.cross(outward, rel)) < 0.04
-        if on_axis and dist < self.cfg.staging_distance + 0.08:
-            return goal
-        return goal + outward * self.cfg.staging_distance
+        others = [m[:2] for m in self.mem_obj if m is not None and np.linalg.norm(m[:2] - box) > 1e-6]
+        if all(point_segment_distance(o, box, goal) > self.cfg.corridor for o in others):
+            return goal  # a clear straight push
+        # otherwise push along a path planned for the box around the anchor and the other boxes
+        path = self.planner.plan(box, goal, [(o, self.cfg.corridor) for o in others])
+        along = np.cumsum(np.r_[0.0, np.linalg.norm(np.diff(path, axis=0), axis=1)])
+        return path[min(np.searchsorted(along, self.cfg.box_lookahead), len(path) - 1)]
 
     def _stuck(self, pose: np.ndarray) -> bool:
         if self.last_pose is not None and self.mode in ("approach", "push"):
