@@ -38,6 +38,7 @@ class ExpertConfig:
     box_lookahead: float = 0.25  # metres along a box's planned path to push towards
     lookahead: float = 0.1  # metres along a planned path to steer at
     push_lateral_limit: float = 0.075  # box centre off the plate's centre line before re-approach
+    patience: int = 90  # steps without the box getting 2 cm closer before giving up on it for a while
     place_tolerance: float = 0.045  # formation: a box nearer its slot than this counts as placed
     # noise injection with recovery (DART-like): executed = label + noise, recorded = label
     noise_std: tuple[float, float] = (0.0, 0.0)
@@ -76,6 +77,10 @@ class PushExpert:
         self.last_pose: np.ndarray | None = None
         self.unseen_in_view = np.zeros(n, int)
         self.noise_left = 0
+        self.t = 0
+        self.blocked: dict[tuple[int, int], int] = {}
+        self.progress_task: tuple[int, int] | None = None
+        self.progress_best, self.progress_since = np.inf, 0
         self._update_memory(info)
 
     def act(self, obs: dict, info: dict | None = None) -> np.ndarray:
@@ -123,6 +128,7 @@ class PushExpert:
 
     # ------------------------------------------------------------------ decisions
     def _decide(self, pose: np.ndarray) -> np.ndarray:
+        self.t += 1
         if self.escape > 0:  # unstick: back up while turning
             self.escape -= 1
             return np.array([-0.15, 1.2], np.float32)
@@ -144,7 +150,24 @@ class PushExpert:
         self.lookout_target = None
         box_i, goal_k = task
         box = self.mem_obj[box_i][:2]
+        if self._no_progress(task, box):
+            # this box will not go: try another one (or, alone, try again after backing away)
+            self.blocked[task] = self.t + 200
+            self.assignment = None
+            self.escape = 8
+            return np.array([-0.15, 1.2], np.float32)
         return self._push(pose, box_i, box, self._push_target(box, goal_k))
+
+    def _no_progress(self, task: tuple[int, int], box: np.ndarray) -> bool:
+        """True when the box has come no closer to its goal for `patience` steps."""
+        dist = float(np.linalg.norm(box - self.mem_goal[task[1]]))
+        if task != self.progress_task or dist < self.progress_best - 0.02:
+            self.progress_task, self.progress_best, self.progress_since = task, dist, self.t
+            return False
+        if self.t - self.progress_since > self.cfg.patience:
+            self.progress_task = None
+            return True
+        return False
 
     def _push_target(self, box: np.ndarray, goal_k: int) -> np.ndarray:
         """Where to push the box now: straight to its goal when the swept path is clear, else to a
@@ -209,6 +232,8 @@ class PushExpert:
         for i in candidates:
             b = self.mem_obj[i][:2]
             for k in free_goals:
+                if self.blocked.get((i, k), -1) > self.t:
+                    continue
                 g = goals[k]
                 cost = np.linalg.norm(pose[:2] - b) + 1.5 * np.linalg.norm(b - g)
                 # pushing through another object or a filled slot is costly
@@ -223,6 +248,9 @@ class PushExpert:
                     cost += 2.0
                 if cost < best_cost:
                     best, best_cost = (i, k), cost
+        if best is None and self.blocked:  # everything left is blocked: retry all
+            self.blocked.clear()
+            return self._choose_task(pose)
         self.assignment = best
         return best
 
