@@ -50,8 +50,8 @@ MARKER_NAMES = ("marker_0", "marker_1", "marker_2", "marker_3")
 _S = 0.22
 FORMATIONS = {
     "line": np.array([[_S, 0.0], [2 * _S, 0.0], [3 * _S, 0.0]]),
-    # a plus sign around an empty centre (S, 0): the anchor is its back arm
-    "cross": np.array([[2 * _S, 0.0], [_S, _S], [_S, -_S]]),
+    # three arms of a plus sign with the anchor at its centre
+    "cross": np.array([[_S, 0.0], [0.0, _S], [0.0, -_S]]),
 }
 
 

@@ -38,8 +38,9 @@ class ExpertConfig:
     box_lookahead: float = 0.25  # metres along a box's planned path to push towards
     lookahead: float = 0.1  # metres along a planned path to steer at
     push_lateral_limit: float = 0.075  # box centre off the plate's centre line before re-approach
-    patience: int = 90  # steps without the box getting 2 cm closer before giving up on it for a while
-    place_tolerance: float = 0.045  # formation: a box nearer its slot than this counts as placed
+    patience: int = 60  # pushing steps without the box getting 2 cm closer before giving up on it for a while
+    place_tolerance: float = 0.04  # formation: push a box until it is this near its slot...
+    placed_tolerance: float = 0.06  # ...and count it as placed (left alone) while it stays this near
     # noise injection with recovery (DART-like): executed = label + noise, recorded = label
     noise_std: tuple[float, float] = (0.0, 0.0)
     noise_prob: float = 0.0  # probability that an episode step falls in a noisy burst
@@ -80,7 +81,7 @@ class PushExpert:
         self.t = 0
         self.blocked: dict[tuple[int, int], int] = {}
         self.progress_task: tuple[int, int] | None = None
-        self.progress_best, self.progress_since = np.inf, 0
+        self.progress_best, self.progress_steps = np.inf, 0
         self._update_memory(info)
 
     def act(self, obs: dict, info: dict | None = None) -> np.ndarray:
@@ -159,12 +160,13 @@ class PushExpert:
         return self._push(pose, box_i, box, self._push_target(box, goal_k))
 
     def _no_progress(self, task: tuple[int, int], box: np.ndarray) -> bool:
-        """True when the box has come no closer to its goal for `patience` steps."""
+        """True when the box has come no closer to its goal during `patience` steps of pushing."""
         dist = float(np.linalg.norm(box - self.mem_goal[task[1]]))
         if task != self.progress_task or dist < self.progress_best - 0.02:
-            self.progress_task, self.progress_best, self.progress_since = task, dist, self.t
+            self.progress_task, self.progress_best, self.progress_steps = task, dist, 0
             return False
-        if self.t - self.progress_since > self.cfg.patience:
+        self.progress_steps += self.mode == "push"
+        if self.progress_steps > self.cfg.patience:
             self.progress_task = None
             return True
         return False
@@ -218,7 +220,7 @@ class PushExpert:
         for i in known:
             d = np.linalg.norm(goals - self.mem_obj[i][:2], axis=1)
             k = int(np.argmin(d))
-            if d[k] < self.cfg.place_tolerance + 0.01 and k not in placed_goal:
+            if d[k] < self.cfg.placed_tolerance and k not in placed_goal:
                 placed_goal.add(k)
                 placed_box.add(i)
         free_goals = [k for k in range(len(goals)) if k not in placed_goal]
