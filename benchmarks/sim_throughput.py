@@ -1,0 +1,66 @@
+"""Simulation throughput: one process stepping EgoPush-Single easy with 64x64 RGB-D rendering,
+and `sim.collect.collect` with 2 worker processes writing a zarr dataset.
+
+    python benchmarks/sim_throughput.py [--quick]
+
+steps_per_s_1proc: uniformly random actions (seeded), so the figure is the env alone
+(physics, rendering, privileged info) without a controller's cost; resets on episode
+end are inside the timing, env construction is not.
+steps_per_s_collect: the scripted expert, episodes written to a temporary dataset;
+steps/s over the wall time after the first worker was up (writing included), and the
+total wall time (process start-up included) as a condition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+from _common import emit, machine  # first: puts the repository on the import path
+
+BENCH = "sim_throughput"
+
+
+def one_process(n_steps: int, image_size: int, seed: int = 0) -> float:
+    from sim.env import EgoPushEnv
+
+    env = EgoPushEnv(task="single", level="easy", image_size=image_size)
+    env.action_space.seed(seed)
+    env.reset(seed=seed)
+    episode = seed
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            episode += 1
+            env.reset(seed=episode)
+    elapsed = time.perf_counter() - start
+    env.close()
+    return n_steps / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run, well under a minute")
+    parser.add_argument("--image-size", type=int, default=64)
+    args = parser.parse_args()
+    n_steps = 500 if args.quick else 4000
+    episodes, max_steps = (6, 60) if args.quick else (40, None)
+
+    rate = one_process(n_steps, args.image_size)
+    emit(BENCH, "steps_per_s_1proc", round(rate, 1), "steps/s", task="single", level="easy",
+         image_size=args.image_size, n_steps=n_steps, actions="random", **machine())
+
+    from sim.collect import collect
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s = collect(out=f"{tmp}/bench.zarr", task="single", level="easy", episodes=episodes, seed=0, workers=2,
+                    policy="expert", image_size=args.image_size, max_steps=max_steps, progress=False)
+    emit(BENCH, "steps_per_s_collect", round(s["steps_per_s"], 1), "steps/s", task="single", level="easy",
+         image_size=args.image_size, n_steps=s["steps"], episodes=s["episodes"], workers=2, policy="expert",
+         wall_s=round(s["wall_s"], 2), startup_s=round(s["startup_s"], 2), **machine())
+
+
+if __name__ == "__main__":
+    main()

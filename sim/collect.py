@@ -1,0 +1,470 @@
+"""Parallel collection of demonstration episodes into an episode dataset (`ego-collect`).
+
+Worker processes (spawned, so that each creates its own MuJoCo EGL context) each
+build an env once and run seeded episodes; every finished episode goes back to the
+parent, the dataset's one writer, which commits it atomically. Episode i of a run
+uses reset seed `seed + i`. Seeds already in the dataset are skipped, so rerunning
+the same command after a crash, Ctrl-C or SIGTERM completes the dataset without
+duplicates. Episodes are committed in the order they finish, not in seed order.
+
+Per-step keys (step t = observation t, the action chosen from it, its outcome):
+
+  rgb, depth, intrinsics, cam_pose, proprio   observation t (DESIGN.md contract)
+  action            float32 (2,)    the label to imitate (`recorded_action`; for the
+                                    noisy expert the noise-free action)
+  executed_action   float32 (2,)    what was sent to `env.step`
+  reward            float32 ()      reward of the step
+  is_success        bool ()         success after the step
+  robot_pose (3,), object_poses (N, 3), goal (G, 2)   float32, privileged state at
+  visible (N,), goal_visible (G,)                     observation t (bool)
+  overview          uint8 (256, 256, 3)   third-person view, only with render_overview
+
+The observation after the last action is not stored. Per-episode info: success,
+length, seed, return, n_clipped_actions, formation.
+
+    ego-collect out=data/demos.zarr episodes=200 policy=noisy_expert workers=2
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import mujoco
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import sim
+from sim.controllers import Controller, recorded_action
+from sim.env import ACTION_HIGH, ACTION_LOW, CONTROL_HZ, PROPRIO_FIELDS, EgoPushEnv, Randomization
+from sim.experts import ExpertConfig, PushExpert, RandomExplorer
+
+TASKS = ("single", "formation")
+LEVELS = ("easy", "hard")
+POLICIES = ("expert", "noisy_expert", "random")
+OBS_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio")
+STATE_KEYS = ("robot_pose", "object_poses", "goal", "visible", "goal_visible")
+
+
+@dataclass
+class CollectConfig:
+    """Options of `ego-collect` (defaults mirrored in sim/conf/collect.yaml)."""
+
+    out: str = "data/egopush_single_easy.zarr"  # dataset directory (zarr store)
+    task: str = "single"  # single | formation
+    level: str = "easy"  # easy | hard
+    episodes: int = 100  # seeds seed .. seed + episodes - 1
+    seed: int = 0  # base reset seed
+    workers: int = 2  # worker processes; 0 runs episodes in this process
+    policy: str = "expert"  # expert | noisy_expert | random
+    image_size: int = 64
+    max_steps: int | None = None  # None: the task's default time limit
+    randomize: bool = False  # all domain randomisation on
+    noise_std: list[float] = field(default_factory=lambda: [0.08, 0.6])  # noisy_expert: (v, omega) std
+    noise_prob: float = 0.3  # noisy_expert: fraction of steps in noise bursts
+    only_success: bool = False  # drop failed episodes (a rerun retries their seeds)
+    render_overview: bool = False  # also store the 256x256 third-person view per step
+    progress: bool = True  # tqdm progress bar
+
+
+ConfigStore.instance().store(name="collect_schema", node=CollectConfig)
+
+
+# ---------------------------------------------------------------------------- config checks
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    """Raise ValueError naming the allowed values when `value` is not one of them."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def to_config(config: Any, schema: type, overrides: Mapping[str, Any] | None = None) -> Any:
+    """A `schema` instance, type-checked, from an instance, a DictConfig composed on it (as by
+    Hydra) or a mapping merged into the defaults; `overrides` are merged on top."""
+    if config is None:
+        config = {}
+    if is_dataclass(config) or (isinstance(config, DictConfig) and OmegaConf.get_type(config) is schema):
+        base = OmegaConf.structured(config)  # complete already: mappings inside are not merged with defaults
+    else:
+        base = OmegaConf.merge(OmegaConf.structured(schema), config)
+    return OmegaConf.to_object(OmegaConf.merge(base, dict(overrides or {})))
+
+
+def _check(cfg: CollectConfig) -> None:
+    """Options that `env_kwargs` does not check."""
+    check_choice("policy", cfg.policy, POLICIES)
+    if cfg.episodes < 0 or cfg.workers < 0:
+        raise ValueError(f"episodes and workers must be >= 0; got {cfg.episodes}, {cfg.workers}")
+    if len(cfg.noise_std) != 2 or min(cfg.noise_std) < 0:
+        raise ValueError(f"noise_std must be two non-negative numbers (v m/s, omega rad/s); got {cfg.noise_std}")
+    if not 0.0 <= cfg.noise_prob <= 1.0:
+        raise ValueError(f"noise_prob must lie in [0, 1]; got {cfg.noise_prob}")
+
+
+def env_kwargs(task: str, level: str, image_size: int, max_steps: int | None, randomize: bool) -> dict[str, Any]:
+    """Plain-data EgoPushEnv arguments (they travel to worker processes)."""
+    check_choice("task", task, TASKS)
+    check_choice("level", level, LEVELS)
+    randomization = asdict(Randomization.all_on() if randomize else Randomization())
+    return dict(task=task, level=level, image_size=image_size, max_steps=max_steps, randomization=randomization)
+
+
+# ---------------------------------------------------------------------------- episodes
+
+
+@dataclass
+class Transition:
+    """One env step: observation and privileged info it was taken in, actions, outcome."""
+
+    obs: dict[str, np.ndarray]
+    info: dict[str, Any]
+    executed: np.ndarray  # float32 (2,)
+    label: np.ndarray  # float32 (2,), see `recorded_action`
+    reward: float
+    next_info: dict[str, Any]
+    overview: np.ndarray | None  # uint8 (256, 256, 3) at observation time, if asked for
+
+
+def rollout(env: EgoPushEnv, controller: Controller, seed: int, overview: bool = False) -> Iterator[Transition]:
+    """Run one seeded episode, yielding every transition until termination or the time limit."""
+    obs, info = env.reset(seed=seed)
+    controller.reset(obs, info)
+    while True:
+        frame = env.render() if overview else None
+        executed = np.asarray(controller.act(obs, info), np.float32)
+        label = recorded_action(controller, executed)
+        next_obs, reward, terminated, truncated, next_info = env.step(executed)
+        yield Transition(obs, info, executed, label, float(reward), next_info, frame)
+        if terminated or truncated:
+            return
+        obs, info = next_obs, next_info
+
+
+def make_policy(policy: str, seed: int, noise_std: Sequence[float] = (0.0, 0.0), noise_prob: float = 0.0) -> Controller:
+    """A fresh controller for one episode, its randomness seeded by the episode seed."""
+    check_choice("policy", policy, POLICIES)
+    if policy == "expert":
+        return PushExpert(ExpertConfig(seed=seed))
+    if policy == "noisy_expert":
+        return PushExpert(ExpertConfig(noise_std=tuple(noise_std), noise_prob=noise_prob, seed=seed))
+    return RandomExplorer(seed=seed)
+
+
+class EpisodeRecorder:
+    """Worker-side runner: builds its env once, then records one episode per call."""
+
+    def __init__(self, env_args: dict[str, Any], policy: str, noise_std: Sequence[float], noise_prob: float,
+                 overview: bool = False) -> None:
+        self.env = EgoPushEnv(render_mode="rgb_array" if overview else None, **env_args)
+        self.policy, self.noise_std, self.noise_prob, self.overview = policy, noise_std, noise_prob, overview
+
+    def __call__(self, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        controller = make_policy(self.policy, seed, self.noise_std, self.noise_prob)
+        columns: dict[str, list] = {}
+        episode_return = 0.0
+        for tr in rollout(self.env, controller, seed, overview=self.overview):
+            row = {k: tr.obs[k] for k in OBS_KEYS} | {k: tr.info[k] for k in STATE_KEYS}
+            row |= {"action": tr.label, "executed_action": tr.executed, "reward": tr.reward,
+                    "is_success": tr.next_info["is_success"]}
+            if self.overview:
+                row["overview"] = tr.overview
+            for key, value in row.items():
+                columns.setdefault(key, []).append(value)
+            episode_return += tr.reward
+        steps = {key: _stack(values) for key, values in columns.items()}
+        info = {
+            "success": bool(tr.next_info["is_success"]),
+            "length": len(steps["action"]),
+            "seed": seed,
+            "return": episode_return,
+            "n_clipped_actions": int(tr.next_info["n_clipped_actions"]),
+            "formation": tr.next_info["formation"],
+        }
+        return steps, info
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _stack(values: list) -> np.ndarray:
+    arr = np.stack([np.asarray(v) for v in values])
+    return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+
+
+# ---------------------------------------------------------------------------- worker processes
+
+
+def _worker_main(make_runner: Callable[[], Callable[[int], Any]], tasks: mp.Queue, results: mp.Queue) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops its workers
+    parent = mp.parent_process()
+    try:
+        runner = make_runner()
+    except BaseException:
+        results.put(("error", None, traceback.format_exc()))
+        return
+    results.put(("ready", None, None))
+    while True:
+        try:
+            seed = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if _orphaned(parent, results):
+                break
+            continue
+        if seed is None:
+            break
+        try:
+            payload = runner(seed)
+        except Exception:
+            results.put(("error", seed, traceback.format_exc()))
+            break
+        results.put(("done", seed, payload))
+        if _orphaned(parent, results):
+            break
+    getattr(runner, "close", lambda: None)()
+
+
+def _orphaned(parent: mp.process.BaseProcess | None, results: mp.Queue) -> bool:
+    """True when the parent is gone (killed); the results then need not be flushed at exit."""
+    if parent is None or parent.is_alive():
+        return False
+    results.cancel_join_thread()
+    return True
+
+
+class EpisodeWorkers:
+    """Runs `runner(seed)` for every seed in worker processes; iterate for `(seed, result)`.
+
+    Each worker calls `make_runner()` (picklable, e.g. a `functools.partial` of a class)
+    once and then takes seeds from a shared queue, so results arrive in the order they
+    finish. `workers=0` runs in this process. Leaving the `with` block stops the workers,
+    killing them if the iteration was cut short (exception, Ctrl-C).
+    """
+
+    def __init__(self, make_runner: Callable[[], Callable[[int], Any]], seeds: Sequence[int], workers: int) -> None:
+        self.make_runner = make_runner
+        self.seeds = list(seeds)
+        self.n_workers = min(workers, len(self.seeds))
+        self.ready_time: float | None = None  # perf_counter() when the first worker was ready
+        self._procs: list[mp.process.BaseProcess] = []
+
+    def __enter__(self) -> EpisodeWorkers:
+        if self.n_workers > 0:
+            ctx = mp.get_context("spawn")
+            self._tasks, self._results = ctx.Queue(), ctx.Queue()
+            for seed in [*self.seeds, *[None] * self.n_workers]:
+                self._tasks.put(seed)
+            self._procs = [
+                ctx.Process(target=_worker_main, args=(self.make_runner, self._tasks, self._results),
+                            name=f"ego-worker-{i}", daemon=True)
+                for i in range(self.n_workers)
+            ]
+            for p in self._procs:
+                p.start()
+        return self
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        if not self.seeds:
+            return
+        if self.n_workers == 0:
+            yield from self._run_here()
+            return
+        done, idle_since_all_exited = 0, 0
+        while done < len(self.seeds):
+            try:
+                kind, seed, payload = self._results.get(timeout=1.0)
+            except queue.Empty:
+                idle_since_all_exited = idle_since_all_exited + 1 if self._all_exited() else 0
+                if idle_since_all_exited > 1:  # one more wait for what a last worker flushed as it exited
+                    raise RuntimeError("all workers exited before every episode was returned") from None
+                continue
+            if kind == "ready":
+                self.ready_time = self.ready_time or time.perf_counter()
+            elif kind == "error":
+                where = "while starting" if seed is None else f"in the episode with seed {seed}"
+                raise RuntimeError(f"a worker failed {where}:\n{payload}")
+            else:
+                done += 1
+                yield seed, payload
+
+    def _run_here(self) -> Iterator[tuple[int, Any]]:
+        runner = self.make_runner()
+        self.ready_time = time.perf_counter()
+        try:
+            for seed in self.seeds:
+                yield seed, runner(seed)
+        finally:
+            getattr(runner, "close", lambda: None)()
+
+    def _all_exited(self) -> bool:
+        """Whether every worker has exited normally; raises if one died."""
+        crashed = [p for p in self._procs if p.exitcode not in (None, 0)]
+        if crashed:
+            raise RuntimeError(f"worker {crashed[0].name} died with exit code {crashed[0].exitcode}")
+        return all(p.exitcode == 0 for p in self._procs)
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._procs:
+            return
+        for p in self._procs:
+            p.join(timeout=10.0 if exc[0] is None else 0.0)
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for q in (self._tasks, self._results):
+            q.cancel_join_thread()
+            q.close()
+        self._procs = []
+
+
+@contextmanager
+def sigterm_as_keyboard_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C inside the block (a CLI's graceful stop); main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------- collection
+
+
+def dataset_meta(cfg: CollectConfig, env_args: dict[str, Any]) -> dict[str, Any]:
+    """The dataset's `meta` block: setup, versions, camera model, units."""
+    env = EgoPushEnv(**env_args)
+    try:
+        obs, _ = env.reset(seed=cfg.seed)
+        env_config = asdict(env.config)
+    finally:
+        env.close()
+    h, w = obs["rgb"].shape[:2]
+    policy: dict[str, Any] = {"name": cfg.policy}
+    if cfg.policy == "noisy_expert":
+        policy |= {"noise_std": list(cfg.noise_std), "noise_prob": cfg.noise_prob}
+    return {
+        "task": cfg.task,
+        "level": cfg.level,
+        "image_size": [h, w],
+        "env_config": env_config,
+        "policy": policy,
+        "only_success": cfg.only_success,
+        "sim_version": sim.__version__,
+        "mujoco_version": mujoco.__version__,
+        "camera": {
+            "name": "head",
+            "model": "pinhole",
+            "width": w,
+            "height": h,
+            "intrinsics": obs["intrinsics"].tolist(),
+            "depth_units": "metres",
+            "depth": "z along the optical axis, 0 = invalid",
+            "cam_pose": "world-from-optical-camera (x right, y down, z forward)",
+        },
+        "proprio_fields": list(PROPRIO_FIELDS),
+        "action_fields": ["v (m/s)", "omega (rad/s)"],
+        "action_low": ACTION_LOW.tolist(),
+        "action_high": ACTION_HIGH.tolist(),
+        "control_hz": CONTROL_HZ,
+    }
+
+
+def collect(config: CollectConfig | Mapping[str, Any] | DictConfig | None = None, **overrides: Any) -> dict[str, Any]:
+    """Collect `episodes` seeded episodes into the dataset at `out`, resuming; returns a summary.
+
+    Summary keys: out, requested, skipped (seeds already committed), episodes (new,
+    committed), discarded (failures with only_success), steps (simulated in this
+    run), successes, success_rate (of this run's episodes), dataset_episodes,
+    wall_s, startup_s (until the first worker was ready), steps_per_s (after that).
+    KeyboardInterrupt (Ctrl-C) stops the workers and propagates; what was committed stays.
+    """
+    from sim.dataset import EpisodeWriter  # zarr is only needed in the writing process
+
+    cfg: CollectConfig = to_config(config, CollectConfig, overrides)
+    _check(cfg)
+    args = env_kwargs(cfg.task, cfg.level, cfg.image_size, cfg.max_steps, cfg.randomize)
+    t0 = time.perf_counter()
+    meta = dataset_meta(cfg, args)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    with EpisodeWriter(cfg.out, meta=meta) as writer:
+        wanted = range(cfg.seed, cfg.seed + cfg.episodes)
+        todo = [s for s in wanted if not writer.has_seed(s)]
+        recorder = partial(EpisodeRecorder, args, cfg.policy, tuple(cfg.noise_std), cfg.noise_prob,
+                           cfg.render_overview)
+        n_steps = n_new = n_success = n_discarded = 0
+        bar = tqdm(total=len(todo), unit="ep", desc=f"collect {cfg.task}/{cfg.level}", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        with bar, EpisodeWorkers(recorder, todo, cfg.workers) as pool:
+            for seed, (steps, info) in pool:
+                n_steps += info["length"]
+                n_success += info["success"]
+                if info["success"] or not cfg.only_success:
+                    writer.add_episode(steps, seed=seed, info=info)
+                    n_new += 1
+                else:
+                    n_discarded += 1
+                bar.update(1)
+                bar.set_postfix(steps_per_s=f"{n_steps / (time.perf_counter() - pool.ready_time):.0f}",
+                                success=f"{n_success}/{n_new + n_discarded}")
+        end = time.perf_counter()
+        ran = n_new + n_discarded
+        return {
+            "out": str(cfg.out),
+            "requested": cfg.episodes,
+            "skipped": cfg.episodes - len(todo),
+            "episodes": n_new,
+            "discarded": n_discarded,
+            "steps": n_steps,
+            "successes": n_success,
+            "success_rate": n_success / ran if ran else None,
+            "dataset_episodes": writer.n_episodes,
+            "wall_s": end - t0,
+            "startup_s": pool.ready_time - t0 if pool.ready_time else None,
+            "steps_per_s": n_steps / (end - pool.ready_time) if pool.ready_time and n_steps else None,
+        }
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="collect")
+def main(cfg: DictConfig) -> None:
+    """`ego-collect`: Hydra CLI around `collect`."""
+    with sigterm_as_keyboard_interrupt():
+        try:
+            s = collect(cfg)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; committed episodes in {cfg.out} stay: rerun the same command to resume",
+                  file=sys.stderr)
+            sys.exit(130)
+    rate = "n/a" if s["success_rate"] is None else f"{s['success_rate']:.0%}"
+    speed = "n/a" if s["steps_per_s"] is None else f"{s['steps_per_s']:.0f}"
+    print(f"{s['out']}: +{s['episodes']} episodes ({s['skipped']} already there, {s['discarded']} discarded), "
+          f"{s['dataset_episodes']} in total; success {rate}; {s['steps']} steps at {speed} steps/s; "
+          f"{s['wall_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

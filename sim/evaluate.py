@@ -1,0 +1,212 @@
+"""Success-rate evaluation of any controller on seeded EgoPush episodes, in parallel workers.
+
+The controller comes as a Hydra `_target_` config (a dict such as
+`{"_target_": "sim.experts.PushExpert", "v_max": 0.2}`, or just the dotted path),
+instantiated inside each worker with `hydra.utils.instantiate`, so that `sim` never
+imports the learners. Each worker builds its env and controller once and calls
+`controller.reset` at every episode. Episode i uses reset seed `seed + i`;
+evaluation seeds (default 1000..) are kept apart from training-data seeds (0..).
+
+Videos show the third-person overview, the egocentric RGB and the colour-mapped
+depth side by side (depth from 0.1 m, bright, to 3 m, dark).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from sim.collect import EpisodeWorkers, check_choice, env_kwargs, rollout
+from sim.dataset import colorize_depth
+from sim.env import CONTROL_HZ, EgoPushEnv
+
+DEFAULT_CONTROLLER: dict[str, Any] = {"_target_": "sim.experts.PushExpert"}
+VIDEO_CHOICES = ("failures", "all")
+DEPTH_RANGE_SHOWN = (0.1, 3.0)  # metres, a fixed colour scale for every frame
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion; (0, 1) when n == 0."""
+    if n == 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n={n}]; got {successes}")
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def controller_config(controller: Mapping[str, Any] | DictConfig | str) -> dict[str, Any]:
+    """A plain `_target_` dict (picklable, for workers) from a dict, DictConfig or dotted path."""
+    if isinstance(controller, str):
+        return {"_target_": controller}
+    if isinstance(controller, DictConfig):
+        controller = OmegaConf.to_container(controller, resolve=True)
+    if not isinstance(controller, Mapping) or "_target_" not in controller:
+        raise ValueError(f"controller must be a dotted path or a mapping with a '_target_' key; got {controller!r}")
+    return dict(controller)
+
+
+# ---------------------------------------------------------------------------- video
+
+
+def compose_frame(overview: np.ndarray, rgb: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """uint8 (S, 3S, 3): overview | egocentric RGB | depth, each scaled to the overview's height S."""
+    size = overview.shape[0]
+
+    def fit(img: np.ndarray) -> np.ndarray:  # nearest neighbour keeps the robot's real pixels visible
+        rows = np.arange(size) * img.shape[0] // size
+        cols = np.arange(size) * img.shape[1] // size
+        return img[rows][:, cols]
+
+    return np.concatenate([overview, fit(rgb), fit(colorize_depth(depth, *DEPTH_RANGE_SHOWN))], axis=1)
+
+
+class VideoFile:
+    """An H.264 MP4 streamed to a temporary name; `commit()` renames it into place, `discard()` drops it."""
+
+    def __init__(self, path: Path, fps: float = CONTROL_HZ) -> None:
+        import imageio.v2 as imageio
+
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4")
+        self._writer = imageio.get_writer(self._tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                          pixelformat="yuv420p", macro_block_size=1)
+
+    def append(self, frame: np.ndarray) -> None:
+        self._writer.append_data(frame)
+
+    def commit(self) -> Path:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- episodes
+
+
+class EpisodeEvaluator:
+    """Worker-side runner: builds env and controller once, then evaluates one seeded episode per call."""
+
+    def __init__(self, env_args: dict[str, Any], controller: dict[str, Any], video_dir: str | None = None,
+                 videos: str = "failures") -> None:
+        from hydra.utils import instantiate
+
+        self.env = EgoPushEnv(render_mode="rgb_array" if video_dir else None, **env_args)
+        self.controller = instantiate(controller)
+        self.video_dir = None if video_dir is None else Path(video_dir)
+        self.videos = videos
+
+    def __call__(self, seed: int) -> dict[str, Any]:
+        cfg = self.env.config
+        video = None
+        if self.video_dir is not None:
+            video = VideoFile(self.video_dir / f"{cfg.task}_{cfg.level}_seed{seed:05d}.mp4")
+        try:
+            length, episode_return = 0, 0.0
+            for tr in rollout(self.env, self.controller, seed, overview=video is not None):
+                if video is not None:
+                    video.append(compose_frame(tr.overview, tr.obs["rgb"], tr.obs["depth"]))
+                length += 1
+                episode_return += tr.reward
+        except BaseException:
+            if video is not None:
+                video.discard()
+            raise
+        final = tr.next_info
+        result = {
+            "seed": seed,
+            "success": bool(final["is_success"]),
+            "length": length,
+            "return": episode_return,
+            "final_goal_error": float(np.max(final["goal_errors"])),
+            "n_clipped_actions": int(final["n_clipped_actions"]),
+            "formation": final["formation"],
+        }
+        if video is not None:
+            if self.videos == "all" or not result["success"]:
+                result["video"] = str(video.commit())
+            else:
+                video.discard()
+        return result
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def evaluate(
+    controller: Mapping[str, Any] | DictConfig | str = DEFAULT_CONTROLLER,
+    task: str = "single",
+    level: str = "easy",
+    episodes: int = 50,
+    seed: int = 1000,
+    workers: int = 2,
+    *,
+    image_size: int = 64,
+    max_steps: int | None = None,
+    randomize: bool = False,
+    video_dir: str | os.PathLike[str] | None = None,
+    videos: str = "failures",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run `episodes` seeded episodes (seeds `seed`..) of `task`/`level` and summarise them.
+
+    Returns task, level, controller, episodes, seed, successes, success_rate,
+    ci95_low/ci95_high (Wilson), mean_length, steps, wall_s, steps_per_s (after the
+    workers were up), and
+    `results`: per episode (by seed) seed, success, length, return,
+    final_goal_error, n_clipped_actions, formation and, where saved, video.
+    With `video_dir`, MP4s of the failed episodes (`videos="all"`: of all) go there.
+    """
+    target = controller_config(controller)
+    check_choice("videos", videos, VIDEO_CHOICES)
+    if episodes < 1 or workers < 0:
+        raise ValueError(f"episodes must be >= 1 and workers >= 0; got {episodes}, {workers}")
+    args = env_kwargs(task, level, image_size, max_steps, randomize)
+    runner = partial(EpisodeEvaluator, args, target, None if video_dir is None else os.fspath(video_dir), videos)
+    t0 = time.perf_counter()
+    results = []
+    bar = tqdm(total=episodes, unit="ep", desc=f"evaluate {task}/{level}", disable=not progress, dynamic_ncols=True)
+    with bar, EpisodeWorkers(runner, range(seed, seed + episodes), workers) as pool:
+        for _, result in pool:
+            results.append(result)
+            bar.update(1)
+            bar.set_postfix(success=f"{sum(r['success'] for r in results)}/{len(results)}")
+    end = time.perf_counter()
+    results.sort(key=lambda r: r["seed"])
+    successes = sum(r["success"] for r in results)
+    low, high = wilson_interval(successes, episodes)
+    steps = sum(r["length"] for r in results)
+    return {
+        "task": task,
+        "level": level,
+        "controller": target,
+        "episodes": episodes,
+        "seed": seed,
+        "successes": successes,
+        "success_rate": successes / episodes,
+        "ci95_low": low,
+        "ci95_high": high,
+        "mean_length": steps / episodes,
+        "steps": steps,
+        "wall_s": end - t0,
+        "steps_per_s": steps / (end - pool.ready_time),
+        "results": results,
+    }
