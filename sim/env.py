@@ -45,6 +45,7 @@ PUSHER_OFFSET = 0.108  # pusher face ahead of the wheel axle, metres
 BOX_NAMES = ("box_anchor", "box_red", "box_green", "box_blue")
 DISTRACTOR_NAMES = ("distractor_0", "distractor_1", "distractor_2")
 MARKER_NAMES = ("marker_0", "marker_1", "marker_2", "marker_3")
+MARKER_GROUP, HIDDEN_GROUP = 2, 5  # geom groups (see egopush.xml)
 
 # Formation slots in the anchor's frame (x along the anchor's heading), spacing S.
 _S = 0.22
@@ -187,7 +188,8 @@ class EgoPushEnv(gym.Env):
                 qadr=m.jnt_qposadr[j], vadr=m.jnt_dofadr[j],
             )
         self._markers = [m.body_mocapid[name2id(mujoco.mjtObj.mjOBJ_BODY, n)] for n in MARKER_NAMES]
-        self._marker_goal_geom = name2id(mujoco.mjtObj.mjOBJ_GEOM, MARKER_NAMES[0])
+        self._marker_geoms = [name2id(mujoco.mjtObj.mjOBJ_GEOM, n) for n in MARKER_NAMES]
+        self._marker_goal_geom = self._marker_geoms[0]
         self._light = name2id(mujoco.mjtObj.mjOBJ_LIGHT, "sun")
         robot_geoms = {g for g in range(m.ngeom) if self._is_robot_body(m.geom_bodyid[g])}
         # Segmentation classes: 0 background/floor, 1 walls, 2 robot, 3.. the task's objects in order.
@@ -264,7 +266,7 @@ class EgoPushEnv(gym.Env):
         if self.render_mode != "rgb_array":
             return None
         if self._overview is None:
-            self._overview = RGBDRenderer(self.model, "overview", 256, 256)
+            self._overview = RGBDRenderer(self.model, "overview", 256, 256, geom_groups=(0, 1, 2, 3))
         return self._overview.render(self.data)[0]
 
     def close(self) -> None:
@@ -373,6 +375,12 @@ class EgoPushEnv(gym.Env):
             self._set_free_pose(name, positions[i][0], positions[i][1], yaw)
         for k, name in enumerate(n for n in BOX_NAMES + DISTRACTOR_NAMES if n not in self.objects):
             self._set_free_pose(name, 3.0 + 0.4 * k, 3.0, 0.0)  # parked behind the walls, out of sight
+        # parked objects and unused markers leave the rendered groups: drawing them costs time
+        for name in BOX_NAMES + DISTRACTOR_NAMES:
+            self.model.geom_group[self._obj[name]["geom"]] = 0 if name in self.objects else HIDDEN_GROUP
+        n_goals = 1 if self.formation is None else 3
+        for k, geom in enumerate(self._marker_geoms):
+            self.model.geom_group[geom] = MARKER_GROUP if k < n_goals else HIDDEN_GROUP
         self.goals = goals
         self._robot_init = robot
 

@@ -39,7 +39,9 @@ class RGBDRenderer:
     REP-118 depth images. Shadows, reflections, skybox and fog are switched off.
     """
 
-    def __init__(self, model: mujoco.MjModel, camera: str, height: int, width: int) -> None:
+    def __init__(
+        self, model: mujoco.MjModel, camera: str, height: int, width: int, geom_groups: tuple[int, ...] = (0, 1, 2)
+    ) -> None:
         if height < 8 or width < 8:
             raise ValueError(f"image size must be at least 8x8, got {height}x{width}")
         self.model = model
@@ -66,8 +68,8 @@ class RGBDRenderer:
         ):
             self._scene.flags[flag] = False
         self._option = mujoco.MjvOption()
-        # Geom groups 0 (physical), 1 (robot cosmetics), 2 (goal markers) are drawn.
-        self._option.geomgroup[:] = [1, 1, 1, 0, 0, 0]
+        # Only the geom groups this camera can see are drawn (each drawn geom costs render time).
+        self._option.geomgroup[:] = [int(g in geom_groups) for g in range(6)]
         self._option.sitegroup[:] = 0
         self._camera = mujoco.MjvCamera()
         self._camera.type = mujoco.mjtCamera.mjCAMERA_FIXED
