@@ -437,7 +437,7 @@ def _acquire_lock(root: Path) -> tuple[Path, str]:
 def _compressor() -> BloscCodec:
     # zstd at a low level: several hundred MB/s, and rendered RGB-D compresses
     # several-fold; byte shuffle groups the bytes of float32 depth.
-    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+    return BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle)
 
 
 class EpisodeWriter:

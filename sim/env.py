@@ -231,10 +231,11 @@ class EgoPushEnv(gym.Env):
         mujoco.mj_forward(m, d)
         self._update_markers()
         mujoco.mj_forward(m, d)
-        errors = self.goal_errors()
-        self._prev_potential = self._potential(errors)
+        poses = self.object_poses()
+        errors = self.goal_errors(poses)
+        self._prev_potential = self._potential(errors, poses)
         obs = self._observation()
-        return obs, self._info(errors, success=False)
+        return obs, self._info(poses, errors, success=False)
 
     def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
         a = self._validate_action(action)
@@ -251,13 +252,14 @@ class EgoPushEnv(gym.Env):
         # mj_step leaves positions-derived quantities (body and camera poses) one substep behind qpos
         mujoco.mj_forward(self.model, self.data)
         self._steps += 1
-        errors = self.goal_errors()
+        poses = self.object_poses()
+        errors = self.goal_errors(poses)
         success = bool(np.all(errors < self.tolerance))
-        potential = self._potential(errors)
+        potential = self._potential(errors, poses)
         reward = float(potential - self._prev_potential) - 0.01 + (5.0 if success else 0.0)
         self._prev_potential = potential
         obs = self._observation()
-        info = self._info(errors, success)
+        info = self._info(poses, errors, success)
         info["action_clipped"] = was_clipped
         return obs, reward, success, self._steps >= self.max_steps, info
 
@@ -287,21 +289,22 @@ class EgoPushEnv(gym.Env):
         yaw = np.arctan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
         return np.column_stack([q[:, 0], q[:, 1], yaw])
 
-    def goal_points(self) -> np.ndarray:
+    def goal_points(self, poses: np.ndarray | None = None) -> np.ndarray:
         """(G, 2): the goal (single) or the three formation slots (formation), world frame."""
         if self.formation is None:
             return self.goals.copy()
-        anchor = self.object_poses()[0]
+        anchor = (self.object_poses() if poses is None else poses)[0]
         return anchor[:2] + FORMATIONS[self.formation] @ rot_z(anchor[2])[:2, :2].T
 
     def pushable_indices(self) -> list[int]:
         """Indices into `self.objects` of the boxes that must reach goals."""
         return [0] if self.formation is None else [1, 2, 3]
 
-    def goal_errors(self) -> np.ndarray:
+    def goal_errors(self, poses: np.ndarray | None = None) -> np.ndarray:
         """Per goal, the distance to the box assigned to it by the best assignment."""
-        boxes = self.object_poses()[self.pushable_indices(), :2]
-        goals = self.goal_points()
+        poses = self.object_poses() if poses is None else poses
+        boxes = poses[self.pushable_indices(), :2]
+        goals = self.goal_points(poses)
         dist = np.linalg.norm(boxes[:, None] - goals[None], axis=-1)
         if len(goals) == 1:
             return dist[0]
@@ -320,9 +323,9 @@ class EgoPushEnv(gym.Env):
             raise ValueError(f"action contains NaN or infinite values: {a.tolist()}")
         return a.astype(np.float32)
 
-    def _potential(self, errs: np.ndarray) -> float:
+    def _potential(self, errs: np.ndarray, poses: np.ndarray) -> float:
         """Dense shaping: boxes' distance to goals, plus the robot's distance to the nearest unsolved box."""
-        boxes = self.object_poses()[self.pushable_indices(), :2]
+        boxes = poses[self.pushable_indices(), :2]
         unsolved = errs >= self.tolerance
         # goal_errors is per goal; approach distance uses any box still far from every goal
         approach = 0.0
@@ -361,7 +364,7 @@ class EgoPushEnv(gym.Env):
         """Easy level: every box of the task and every goal must be seen, unoccluded, at the start."""
         mujoco.mj_forward(self.model, self.data)
         self._update_markers()
-        info = self._visibility_info()
+        info = self._visibility_info(self.object_poses())
         n_boxes = 1 if self.formation is None else 4
         return bool(info["visible"][:n_boxes].all() and info["goal_visible"].all())
 
@@ -575,13 +578,14 @@ class EgoPushEnv(gym.Env):
             out[i] = hit < 0 or hit >= dist - 0.03 or (target is not None and geomid[0] == target)
         return out
 
-    def _info(self, errors: np.ndarray, success: bool) -> dict[str, Any]:
+    def _info(self, poses: np.ndarray, errors: np.ndarray, success: bool) -> dict[str, Any]:
+        goals = self.goal_points(poses)
         info: dict[str, Any] = {
             "robot_pose": self.robot_pose(),
-            "object_poses": self.object_poses(),
+            "object_poses": poses,
             "object_names": list(self.objects),
-            "goal": self.goal_points(),
-            **self._visibility_info(),
+            "goal": goals,
+            **self._visibility_info(poses, goals),
             "goal_errors": errors,
             "is_success": success,
             "action_clipped": False,
@@ -594,9 +598,8 @@ class EgoPushEnv(gym.Env):
             info["segmentation"] = self.segmentation()
         return info
 
-    def _visibility_info(self) -> dict[str, np.ndarray]:
-        poses = self.object_poses()
-        goals = self.goal_points()
+    def _visibility_info(self, poses: np.ndarray, goals: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        goals = self.goal_points(poses) if goals is None else goals
         obj_pts = np.column_stack([poses[:, :2], [self.model.geom_size[self._obj[n]["geom"]][2] * 0.5 + 0.02 for n in self.objects]])
         goal_pts = np.column_stack([goals, np.zeros(len(goals))])
         return {
