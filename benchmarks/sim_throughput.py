@@ -6,7 +6,8 @@ and `sim.collect.collect` with 2 worker processes writing a zarr dataset.
 steps_per_s_1proc: uniformly random actions (seeded), so the figure is the env alone
 (physics, rendering, privileged info) without a controller's cost; resets on episode
 end are inside the timing, env construction is not.
-steps_per_s_collect: the scripted expert, episodes written to a temporary dataset;
+steps_per_s_collect: random actions (the simulator and the writer alone) and the scripted
+expert (its planning included), episodes written to a temporary dataset;
 steps/s over the wall time after the first worker was up (writing included), and the
 total wall time (process start-up included) as a condition.
 """
@@ -54,12 +55,15 @@ def main() -> None:
 
     from sim.collect import collect
 
-    with tempfile.TemporaryDirectory() as tmp:
-        s = collect(out=f"{tmp}/bench.zarr", task="single", level="easy", episodes=episodes, seed=0, workers=2,
-                    policy="expert", image_size=args.image_size, max_steps=max_steps, progress=False)
-    emit(BENCH, "steps_per_s_collect", round(s["steps_per_s"], 1), "steps/s", task="single", level="easy",
-         image_size=args.image_size, n_steps=s["steps"], episodes=s["episodes"], workers=2, policy="expert",
-         wall_s=round(s["wall_s"], 2), startup_s=round(s["startup_s"], 2), **machine())
+    # "random" measures the simulator and the writer alone (the headline figure, like steps_per_s_1proc);
+    # "expert" adds the scripted expert's own cost, as when collecting demonstrations.
+    for policy in ("random", "expert"):
+        with tempfile.TemporaryDirectory() as tmp:
+            s = collect(out=f"{tmp}/bench.zarr", task="single", level="easy", episodes=episodes, seed=0, workers=2,
+                        policy=policy, image_size=args.image_size, max_steps=max_steps, progress=False)
+        emit(BENCH, "steps_per_s_collect", round(s["steps_per_s"], 1), "steps/s", task="single", level="easy",
+             image_size=args.image_size, n_steps=s["steps"], episodes=s["episodes"], workers=2, policy=policy,
+             wall_s=round(s["wall_s"], 2), startup_s=round(s["startup_s"], 2), **machine())
 
 
 if __name__ == "__main__":

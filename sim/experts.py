@@ -15,6 +15,7 @@ when the box drifts off the plate.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,7 @@ class PushExpert:
     def __init__(self, config: ExpertConfig | None = None, **overrides: Any) -> None:
         self.cfg = config or ExpertConfig(**overrides)
         self.rng = np.random.default_rng(self.cfg.seed)
-        self.planner = GridPlanner()
+        self.planner = shared_planner()
         self.label: np.ndarray | None = None
 
     # ------------------------------------------------------------------ Controller API
@@ -404,6 +405,12 @@ class GridPlanner:
         while path[-1] != s and pred[path[-1]] >= 0:
             path.append(pred[path[-1]])
         return np.concatenate([self.cells[path[::-1]], goal[None]])
+
+
+@functools.lru_cache(maxsize=1)
+def shared_planner() -> GridPlanner:
+    """One planner per process: its grid graph is the same for every episode."""
+    return GridPlanner()
 
 
 class RandomExplorer:
