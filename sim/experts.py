@@ -36,6 +36,7 @@ class ExpertConfig:
     obstacle_clearance: float = 0.24  # robot centre to an obstacle's centre
     target_clearance: float = 0.23  # robot centre to the pushed box's centre while going behind it
     corridor: float = 0.18  # half-width of the swept path of a push that must be free of other objects
+    behind_clearance: float = 0.17  # an object nearer than this to the pushing position blocks it
     box_lookahead: float = 0.25  # metres along a box's planned path to push towards
     lookahead: float = 0.1  # metres along a planned path to steer at
     push_lateral_limit: float = 0.075  # box centre off the plate's centre line before re-approach
@@ -179,12 +180,31 @@ class PushExpert:
         if self.formation is None or self.mem_obj[0] is None:
             return goal
         others = [m[:2] for m in self.mem_obj if m is not None and np.linalg.norm(m[:2] - box) > 1e-6]
-        if all(point_segment_distance(o, box, goal) > self.cfg.corridor for o in others):
-            return goal  # a clear straight push
-        # otherwise push along a path planned for the box around the anchor and the other boxes
-        path = self.planner.plan(box, goal, [(o, self.cfg.corridor) for o in others])
-        along = np.cumsum(np.r_[0.0, np.linalg.norm(np.diff(path, axis=0), axis=1)])
-        return path[min(np.searchsorted(along, self.cfg.box_lookahead), len(path) - 1)]
+        target = goal
+        if any(point_segment_distance(o, box, goal) <= self.cfg.corridor for o in others):
+            # push along a path planned for the box around the anchor and the other boxes
+            path = self.planner.plan(box, goal, [(o, self.cfg.corridor) for o in others])
+            along = np.cumsum(np.r_[0.0, np.linalg.norm(np.diff(path, axis=0), axis=1)])
+            target = path[min(np.searchsorted(along, self.cfg.box_lookahead), len(path) - 1)]
+        if self._behind_blocked(box, target, others):
+            # the robot cannot get behind the box for this push: first push it somewhere it can
+            best, best_dist = target, np.inf
+            for a in np.linspace(-np.pi, np.pi, 12, endpoint=False):
+                cand = box + 0.15 * np.array([np.cos(a), np.sin(a)])
+                if np.any(np.abs(cand) > ARENA_HALF - 0.2) or self._behind_blocked(box, cand, others):
+                    continue
+                if any(point_segment_distance(o, box, cand) <= self.cfg.corridor - 0.04 for o in others):
+                    continue
+                if np.linalg.norm(cand - goal) < best_dist:
+                    best, best_dist = cand, np.linalg.norm(cand - goal)
+            target = best
+        return target
+
+    def _behind_blocked(self, box: np.ndarray, target: np.ndarray, others: list[np.ndarray]) -> bool:
+        """Whether another object stands where the robot must be to push the box towards target."""
+        u = (target - box) / max(np.linalg.norm(target - box), 1e-6)
+        behind = box - u * (PUSHER_OFFSET + self.cfg.box_half + 0.05)
+        return any(np.linalg.norm(o - behind) < self.cfg.behind_clearance for o in others)
 
     def _stuck(self, pose: np.ndarray) -> bool:
         if self.last_pose is not None and self.mode in ("approach", "push"):
