@@ -47,12 +47,12 @@ DISTRACTOR_NAMES = ("distractor_0", "distractor_1", "distractor_2")
 MARKER_NAMES = ("marker_0", "marker_1", "marker_2", "marker_3")
 MARKER_GROUP, HIDDEN_GROUP = 2, 5  # geom groups (see egopush.xml)
 
-# Formation slots in the anchor's frame (x along the anchor's heading), spacing S.
-_S = 0.22
+# Formation slots in the anchor's frame (x along the anchor's heading): line spacing, cross arm length.
+_S, _ARM = 0.22, 0.33
 FORMATIONS = {
     "line": np.array([[_S, 0.0], [2 * _S, 0.0], [3 * _S, 0.0]]),
-    # three arms of a plus sign with the anchor at its centre
-    "cross": np.array([[_S, 0.0], [0.0, _S], [0.0, -_S]]),
+    # three arms of a plus sign with the anchor at its centre, long enough for the robot to push between them
+    "cross": np.array([[_ARM, 0.0], [0.0, _ARM], [0.0, -_ARM]]),
 }
 
 
