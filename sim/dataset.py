@@ -440,7 +440,39 @@ def _compressor() -> BloscCodec:
     return BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle)
 
 
-class EpisodeWriter:
+class _CommittedView:
+    """What the writer and the reader both tell about the committed episodes (`self._committed`)."""
+
+    _committed: _Committed
+
+    def __len__(self) -> int:
+        return self._committed.n_episodes
+
+    @property
+    def n_episodes(self) -> int:
+        return self._committed.n_episodes
+
+    @property
+    def n_steps(self) -> int:
+        return self._committed.n_steps
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self._committed.schema)
+
+    def seeds(self) -> list[int | None]:
+        """Reset seed of every committed episode, in order (None where none was given)."""
+        return list(self._committed.seeds)
+
+    def committed_seeds(self) -> set[int]:
+        """Seeds already on disk: a resuming collector skips these."""
+        return set(self._committed.seed_set)
+
+    def has_seed(self, seed: int) -> bool:
+        return int(seed) in self._committed.seed_set
+
+
+class EpisodeWriter(_CommittedView):
     """Appends whole episodes to a dataset, creating it if needed. One per dataset.
 
     Opening repairs the store after a crash (see the module docstring) and takes
@@ -508,35 +540,9 @@ class EpisodeWriter:
 
     # -- state ------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return self._committed.n_episodes
-
-    @property
-    def n_episodes(self) -> int:
-        return self._committed.n_episodes
-
-    @property
-    def n_steps(self) -> int:
-        return self._committed.n_steps
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return tuple(self._committed.schema)
-
     @property
     def meta(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._root.attrs.get("meta", {})))
-
-    def seeds(self) -> list[int | None]:
-        """Reset seed of every committed episode, in order (None where none was given)."""
-        return list(self._committed.seeds)
-
-    def committed_seeds(self) -> set[int]:
-        """Seeds already on disk: a resuming collector skips these."""
-        return set(self._committed.seed_set)
-
-    def has_seed(self, seed: int) -> bool:
-        return int(seed) in self._committed.seed_set
 
     @property
     def closed(self) -> bool:
@@ -787,7 +793,7 @@ class _ChunkCache:
             self._bytes -= old.nbytes
 
 
-class EpisodeDataset:
+class EpisodeDataset(_CommittedView):
     """Read-only view of the episodes committed when it was opened.
 
     ``in_memory=True`` decodes every array once (fast random access for small
@@ -833,21 +839,6 @@ class EpisodeDataset:
 
     # -- summary ------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return self._committed.n_episodes
-
-    @property
-    def n_episodes(self) -> int:
-        return self._committed.n_episodes
-
-    @property
-    def n_steps(self) -> int:
-        return self._committed.n_steps
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return tuple(self._committed.schema)
-
     @property
     def schema(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """key -> (dtype, per-step shape)."""
@@ -866,15 +857,6 @@ class EpisodeDataset:
     def episode_lengths(self) -> np.ndarray:
         """int64 (E,)."""
         return self._ends - self._starts
-
-    def seeds(self) -> list[int | None]:
-        return list(self._committed.seeds)
-
-    def committed_seeds(self) -> set[int]:
-        return set(self._committed.seed_set)
-
-    def has_seed(self, seed: int) -> bool:
-        return int(seed) in self._committed.seed_set
 
     def episode_info(self, index: int) -> dict[str, Any]:
         return json.loads(json.dumps(self._committed.infos[self._check_index(index)]))
