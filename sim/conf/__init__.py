@@ -1,0 +1,1 @@
+"""Hydra configs of the sim CLIs (a package, so that installed and editable copies find them)."""
