@@ -15,6 +15,9 @@ import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+_current_context = None  # the GL context last made current in this process
+
+
 def _gl_context(width: int, height: int):
     """An offscreen GL context of the backend MUJOCO_GL names (egl by default, for headless machines).
 
@@ -53,8 +56,10 @@ class RGBDRenderer:
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
 
+        global _current_context
         self._gl = _gl_context(self.width, self.height)
         self._gl.make_current()
+        _current_context = self._gl
         self._con = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_150)
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._con)
         # Reversed-Z depth read back as 0 at the far plane: best precision far away.
@@ -75,6 +80,8 @@ class RGBDRenderer:
         self._camera.type = mujoco.mjtCamera.mjCAMERA_FIXED
         self._camera.fixedcamid = self.camera_id
         self._rect = mujoco.MjrRect(0, 0, self.width, self.height)
+        extent = model.stat.extent
+        self._near_far = (np.float32(model.vis.map.znear * extent), np.float32(model.vis.map.zfar * extent))
         self._rgb = np.empty((self.height, self.width, 3), np.uint8)
         self._zbuf = np.empty((self.height, self.width), np.float32)
 
@@ -90,7 +97,10 @@ class RGBDRenderer:
 
     # -- rendering ----------------------------------------------------------
     def _update(self, data: mujoco.MjData) -> None:
-        self._gl.make_current()
+        global _current_context
+        if _current_context is not self._gl:  # switching contexts costs; most processes have one
+            self._gl.make_current()
+            _current_context = self._gl
         mujoco.mjv_updateScene(
             self.model, data, self._option, None, self._camera, mujoco.mjtCatBit.mjCAT_ALL, self._scene
         )
@@ -104,16 +114,10 @@ class RGBDRenderer:
         return rgb, self._linear_depth(self._zbuf[::-1])
 
     def _linear_depth(self, zbuf: np.ndarray) -> np.ndarray:
-        # MuJoCo 3.3+ renders with reversed Z; invert its perspective depth mapping to metric z.
-        extent = self.model.stat.extent
-        near = np.float64(self.model.vis.map.znear * extent)
-        far = np.float64(self.model.vis.map.zfar * extent)
-        c = -(far + near) / (far - near)
-        d = -(2.0 * far * near) / (far - near)
-        c = -0.5 * c - 0.5
-        d = -0.5 * d
-        z = d / (zbuf.astype(np.float64) + c)
-        return z.astype(np.float32)
+        # MuJoCo 3.3+ renders with reversed Z, read back as 0 at the far plane (ZEROFAR):
+        # z = near * far / (d * (far - near) + near) inverts its perspective depth mapping.
+        near, far = self._near_far
+        return (near * far) / (zbuf * np.float32(far - near) + np.float32(near))
 
     def render_segmentation(self, data: mujoco.MjData) -> np.ndarray:
         """Geom id per pixel, int32 (H, W); -1 where nothing is drawn."""
@@ -140,8 +144,10 @@ class RGBDRenderer:
 
     def close(self) -> None:
         if getattr(self, "_con", None) is not None:
+            global _current_context
             self._gl.make_current()
             self._con.free()
+            _current_context = None
             self._con = None
             self._gl.free()
 
