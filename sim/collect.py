@@ -2,7 +2,8 @@
 
 Worker processes (spawned, so that each creates its own MuJoCo EGL context) each
 build an env once and run seeded episodes; every finished episode goes back to the
-parent, the dataset's one writer, which commits it atomically. Episode i of a run
+parent, the dataset's one writer, which commits it atomically (episodes that finished
+while it was writing are committed together, in one atomic commit). Episode i of a run
 uses reset seed `seed + i`. Seeds already in the dataset are skipped, so rerunning
 the same command after a crash, Ctrl-C or SIGTERM completes the dataset without
 duplicates. Episodes are committed in the order they finish, not in seed order.
@@ -278,28 +279,51 @@ class EpisodeWorkers:
         return self
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self, max_size: int = 8) -> Iterator[list[tuple[int, Any]]]:
+        """Results in lists: each holds one result plus those already waiting (up to `max_size`),
+        so that a slow consumer (the dataset writer) can handle them in one go."""
         if not self.seeds:
             return
         if self.n_workers == 0:
-            yield from self._run_here()
+            for item in self._run_here():
+                yield [item]
             return
         done, idle_since_all_exited = 0, 0
         while done < len(self.seeds):
             try:
-                kind, seed, payload = self._results.get(timeout=1.0)
+                message = self._results.get(timeout=1.0)
             except queue.Empty:
                 idle_since_all_exited = idle_since_all_exited + 1 if self._all_exited() else 0
                 if idle_since_all_exited > 1:  # one more wait for what a last worker flushed as it exited
                     raise RuntimeError("all workers exited before every episode was returned") from None
                 continue
-            if kind == "ready":
-                self.ready_time = self.ready_time or time.perf_counter()
-            elif kind == "error":
-                where = "while starting" if seed is None else f"in the episode with seed {seed}"
-                raise RuntimeError(f"a worker failed {where}:\n{payload}")
-            else:
-                done += 1
-                yield seed, payload
+            batch = []
+            while True:
+                item = self._handle(message)
+                if item is not None:
+                    batch.append(item)
+                if len(batch) >= max_size or done + len(batch) >= len(self.seeds):
+                    break
+                try:
+                    message = self._results.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                done += len(batch)
+                yield batch
+
+    def _handle(self, message: tuple[str, int | None, Any]) -> tuple[int, Any] | None:
+        kind, seed, payload = message
+        if kind == "ready":
+            self.ready_time = self.ready_time or time.perf_counter()
+            return None
+        if kind == "error":
+            where = "while starting" if seed is None else f"in the episode with seed {seed}"
+            raise RuntimeError(f"a worker failed {where}:\n{payload}")
+        return seed, payload
 
     def _run_here(self) -> Iterator[tuple[int, Any]]:
         runner = self.make_runner()
@@ -420,15 +444,15 @@ def collect(config: CollectConfig | Mapping[str, Any] | DictConfig | None = None
         bar = tqdm(total=len(todo), unit="ep", desc=f"collect {cfg.task}/{cfg.level}", disable=not cfg.progress,
                    dynamic_ncols=True)
         with bar, EpisodeWorkers(recorder, todo, cfg.workers) as pool:
-            for seed, (steps, info) in pool:
-                n_steps += info["length"]
-                n_success += info["success"]
-                if info["success"] or not cfg.only_success:
-                    writer.add_episode(steps, seed=seed, info=info)
-                    n_new += 1
-                else:
-                    n_discarded += 1
-                bar.update(1)
+            # episodes that finished while the writer was busy are committed together (one commit)
+            for batch in pool.batches():
+                keep = [(steps, seed, info) for seed, (steps, info) in batch if info["success"] or not cfg.only_success]
+                writer.add_episodes(keep)
+                n_new += len(keep)
+                n_discarded += len(batch) - len(keep)
+                n_steps += sum(info["length"] for _, (_, info) in batch)
+                n_success += sum(info["success"] for _, (_, info) in batch)
+                bar.update(len(batch))
                 bar.set_postfix(steps_per_s=f"{n_steps / (time.perf_counter() - pool.ready_time):.0f}",
                                 success=f"{n_success}/{n_new + n_discarded}")
         end = time.perf_counter()

@@ -563,29 +563,44 @@ class EpisodeWriter(_CommittedView):
             seed: the env reset seed (must not be committed already).
             info: JSON-compatible per-episode info (e.g. success, expert name).
         """
+        return self.add_episodes([(steps, seed, info)])[0]
+
+    def add_episodes(
+        self, episodes: Sequence[tuple[Mapping[str, np.ndarray], int | None, Mapping[str, Any] | None]]
+    ) -> list[int]:
+        """Write several whole episodes, `(steps, seed, info)` each, and commit them in one
+        atomic commit; returns their indices. Each array is resized and written once for the
+        whole batch, which matters: zarr's fixed cost per write dominates for short episodes.
+        """
         if self.closed:
             raise DatasetError(f"{self.path}: writer is closed")
-        arrays, schema = self._validate_episode(steps)
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-                raise DatasetError(f"seed must be an int or None, got {type(seed).__name__}")
-            seed = int(seed)
-            if seed in self._committed.seed_set:
-                raise DatasetError(
-                    f"{self.path}: an episode with seed {seed} is already committed "
-                    f"(skip seeds in committed_seeds() when resuming)"
-                )
-        info_json = _jsonable(dict(info or {}), "info")
-        start = self._committed.n_steps
-        stop = start + next(iter(arrays.values())).shape[0]
-        new = self._committed.appended(schema, stop, seed, info_json)
+        if not episodes:
+            return []
+        new = self._committed
+        batch: dict[str, list[np.ndarray]] = {}
+        for steps, seed, info in episodes:
+            arrays, schema = self._validate_episode(steps, new.schema)
+            if seed is not None:
+                if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+                    raise DatasetError(f"seed must be an int or None, got {type(seed).__name__}")
+                seed = int(seed)
+                if seed in new.seed_set:
+                    raise DatasetError(
+                        f"{self.path}: an episode with seed {seed} is already committed "
+                        f"(skip seeds in committed_seeds() when resuming)"
+                    )
+            stop = new.n_steps + next(iter(arrays.values())).shape[0]
+            new = new.appended(schema, stop, seed, _jsonable(dict(info or {}), "info"))
+            for key, value in arrays.items():
+                batch.setdefault(key, []).append(value)
+        start, stop = self._committed.n_steps, new.n_steps
         try:
             if not self._arrays:
-                self._create_arrays(schema)
-            for key, value in arrays.items():
+                self._create_arrays(new.schema)
+            for key, values in batch.items():
                 arr = self._arrays[key]
                 arr.resize((stop, *arr.shape[1:]))
-                arr[start:stop] = value
+                arr[start:stop] = values[0] if len(values) == 1 else np.concatenate(values)
             if self._durable:
                 os.sync()
             _write_committed(self.path, new)  # the commit point
@@ -597,13 +612,14 @@ class EpisodeWriter(_CommittedView):
             except Exception as rollback_exc:
                 if hasattr(exc, "add_note"):  # Python >= 3.11
                     exc.add_note(
-                        f"rolling back the uncommitted episode also failed ({rollback_exc!r}); "
+                        f"rolling back the uncommitted episodes also failed ({rollback_exc!r}); "
                         f"the next EpisodeWriter on {self.path} repairs the store"
                     )
             raise
+        first = self._committed.n_episodes
         self._committed = new
-        self._append_mirrors(stop, seed)
-        return new.n_episodes - 1
+        self._append_mirrors(first)
+        return list(range(first, new.n_episodes))
 
     def close(self) -> None:
         """Release the writer lock. Everything added is already committed."""
@@ -642,7 +658,7 @@ class EpisodeWriter(_CommittedView):
         self._root.attrs.update({"meta": meta})
 
     def _validate_episode(
-        self, steps: Mapping[str, np.ndarray]
+        self, steps: Mapping[str, np.ndarray], committed: dict[str, tuple[np.dtype, tuple[int, ...]]]
     ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.dtype, tuple[int, ...]]]]:
         if not isinstance(steps, Mapping) or not steps:
             raise DatasetError("an episode is a non-empty dict of per-step arrays")
@@ -676,7 +692,6 @@ class EpisodeWriter(_CommittedView):
             raise DatasetError("an episode needs at least one step (T=0 given)")
 
         schema = {k: (a.dtype, tuple(a.shape[1:])) for k, a in arrays.items()}
-        committed = self._committed.schema
         if not committed:
             return arrays, schema
         missing, extra = sorted(set(committed) - set(arrays)), sorted(set(arrays) - set(committed))
@@ -758,12 +773,14 @@ class EpisodeWriter(_CommittedView):
                 )[:] = values
         self._mirrors = {name: group[name] for name in ("episode_ends", "episode_seeds")}
 
-    def _append_mirrors(self, end: int, seed: int | None) -> None:
-        n = self._committed.n_episodes
-        for name, value in (("episode_ends", end), ("episode_seeds", -1 if seed is None else seed)):
+    def _append_mirrors(self, first: int) -> None:
+        """Extend the diffusion_policy-style copies with the episodes from index `first` on."""
+        c = self._committed
+        seeds = [-1 if s is None else s for s in c.seeds[first:]]
+        for name, values in (("episode_ends", c.episode_ends[first:]), ("episode_seeds", seeds)):
             arr = self._mirrors[name]
-            arr.resize((n,))
-            arr[n - 1] = value
+            arr.resize((c.n_episodes,))
+            arr[first:] = np.asarray(values, np.int64)
 
 
 # --------------------------------------------------------------------------

@@ -536,3 +536,25 @@ def test_colorize_depth_marks_invalid_black_and_near_bright() -> None:
     assert rgb.shape == (1, 4, 3) and rgb.dtype == np.uint8
     assert np.all(rgb[0, 0] == 0) and np.all(rgb[0, 3] == 0)
     assert rgb[0, 1].astype(int).sum() > rgb[0, 2].astype(int).sum()
+
+
+def test_batch_commit_matches_one_by_one_and_is_all_or_nothing(tmp_path: Path) -> None:
+    episodes = {s: make_episode(s, n) for s, n in zip((3, 4, 5), (7, 12, 4))}
+    one_by_one = write_dataset(tmp_path / "a.zarr", seeds=(3, 4, 5), lengths=(7, 12, 4))
+    with EpisodeWriter(tmp_path / "b.zarr", META) as writer:
+        indices = writer.add_episodes(
+            [(ep, s, {"success": bool(ep["is_success"][-1])}) for s, ep in episodes.items()]
+        )
+        assert indices == [0, 1, 2]
+        # a duplicate seed anywhere in a batch rejects the whole batch
+        with pytest.raises(DatasetError, match="seed 7 is already committed"):
+            writer.add_episodes([(make_episode(7, 3), 7, None), (make_episode(7, 3), 7, None)])
+        assert writer.n_episodes == 3
+    a, b = EpisodeDataset.open(tmp_path / "a.zarr"), EpisodeDataset.open(tmp_path / "b.zarr")
+    np.testing.assert_array_equal(a.episode_ends, b.episode_ends)
+    assert a.seeds() == b.seeds() == [3, 4, 5]
+    for i, s in enumerate((3, 4, 5)):
+        assert_episode_equal(b.episode(i), one_by_one[s])
+        assert b.episode_info(i) == a.episode_info(i)
+    mirror = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")["meta/episode_ends"][:]
+    np.testing.assert_array_equal(mirror, b.episode_ends)
