@@ -52,6 +52,7 @@ from tqdm import tqdm
 import sim
 from sim.controllers import Controller, recorded_action
 from sim.env import ACTION_HIGH, ACTION_LOW, CONTROL_HZ, PROPRIO_FIELDS, EgoPushEnv, Randomization
+from sim.dataset import DatasetError
 from sim.experts import ExpertConfig, PushExpert, RandomExplorer
 
 TASKS = ("single", "formation")
@@ -427,7 +428,7 @@ def collect(config: CollectConfig | Mapping[str, Any] | DictConfig | None = None
     wall_s, startup_s (until the first worker was ready), steps_per_s (after that).
     KeyboardInterrupt (Ctrl-C) stops the workers and propagates; what was committed stays.
     """
-    from sim.dataset import EpisodeWriter  # zarr is only needed in the writing process
+    from sim.dataset import EpisodeWriter
 
     cfg: CollectConfig = to_config(config, CollectConfig, overrides)
     _check(cfg)
@@ -479,6 +480,9 @@ def main(cfg: DictConfig) -> None:
     with sigterm_as_keyboard_interrupt():
         try:
             s = collect(cfg)
+        except (ValueError, DatasetError) as e:  # bad options or a bad dataset path: a message, not a traceback
+            print(f"ego-collect: {e}", file=sys.stderr)
+            sys.exit(2)
         except KeyboardInterrupt:
             print(f"\ninterrupted; committed episodes in {cfg.out} stay: rerun the same command to resume",
                   file=sys.stderr)

@@ -42,6 +42,7 @@ from sim.collect import (
     sigterm_as_keyboard_interrupt,
     to_config,
 )
+from sim.dataset import DatasetError
 from sim.evaluate import DEFAULT_CONTROLLER, controller_config, evaluate
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -327,6 +328,9 @@ def main(cfg: DictConfig) -> None:
     with sigterm_as_keyboard_interrupt():
         try:
             result = run_pipeline(cfg)
+        except (ValueError, DatasetError) as e:  # bad options or a bad dataset path: a message, not a traceback
+            print(f"ego-pipeline: {e}", file=sys.stderr)
+            sys.exit(2)
         except KeyboardInterrupt:
             print(f"\ninterrupted; finished stages in {cfg.out_dir} stay: rerun the same command to resume",
                   file=sys.stderr)

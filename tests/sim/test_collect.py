@@ -141,6 +141,14 @@ def test_cli_python_m(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.zarr"]  # no outputs/ or .hydra/ left behind
 
 
+def test_cli_bad_option_is_a_message_not_a_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "sim.collect", "task=bogus", f"out={tmp_path}/x.zarr"],
+                         cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "task must be one of 'single', 'formation'; got 'bogus'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_config_yaml_defaults_match_the_dataclass():
     from hydra import compose, initialize_config_dir
 
