@@ -7,10 +7,13 @@ memory of the last pose it saw of each object and goal. With nothing useful in
 memory it searches (turn in place, then move to a lookout point and turn again),
 so its behaviour can be imitated from egocentric input alone.
 
-Pushing: go to a point behind the box on the box-goal line (detouring around the
-box when on the wrong side), face the goal, push with the plate's normal towards
-the goal while steering to keep the box centred on the plate, and re-approach
-when the box drifts off the plate.
+Pushing: go to a point behind the box on the box-goal line (along a grid path
+around the objects it remembers), turn to face the box, push with the plate's
+normal towards the goal while steering to keep the box centred on the plate, and
+re-approach when the box drifts off the plate. In the formation task each box is
+pushed along a path planned for it around the anchor and the boxes already placed,
+first somewhere else when the pushing position is taken, and given up for a while
+when it makes no progress.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ class PushExpert:
             return np.array([-0.18, 0.0], np.float32)
 
         task = self._choose_task(pose)
-        if self.backoff > 0:
+        if self.backoff > 0:  # _choose_task saw the box of its assignment arrive
             self.backoff -= 1
             return np.array([-0.18, 0.0], np.float32)
         if task is None:
@@ -246,9 +249,7 @@ class PushExpert:
                 placed_box.add(i)
         free_goals = [k for k in range(len(goals)) if k not in placed_goal]
         candidates = [i for i in known if i not in placed_box]
-        if not free_goals:
-            return None
-        if not candidates:
+        if not free_goals or not candidates:
             return None
         obstacles = [self.mem_obj[j][:2] for j in range(len(self.mem_obj)) if self.mem_obj[j] is not None]
         best, best_cost = None, np.inf
