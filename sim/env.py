@@ -248,7 +248,8 @@ class EgoPushEnv(gym.Env):
         pose_before = self.robot_pose()
         mujoco.mj_step(self.model, self.data, nstep=self.n_substeps)
         self._update_odometry(pose_before)
-        self._update_markers()
+        if self.formation is not None:  # slot markers follow the anchor; the single goal stays put
+            self._update_markers()
         # mj_step leaves positions-derived quantities (body and camera poses) one substep behind qpos
         mujoco.mj_forward(self.model, self.data)
         self._steps += 1
@@ -542,7 +543,7 @@ class EgoPushEnv(gym.Env):
         if r.depth_noise:
             sigma = 0.001 + 0.0025 * depth**2
             depth = depth + self.np_random.normal(size=depth.shape).astype(np.float32) * sigma.astype(np.float32)
-        depth = np.where((depth >= lo) & (depth <= hi), depth, 0.0).astype(np.float32)
+        depth[(depth < lo) | (depth > hi)] = 0.0
         if r.depth_dropout:
             # random holes plus holes along depth edges, as structured-light sensors give
             gy, gx = np.gradient(depth)
