@@ -474,19 +474,24 @@ def collect(config: CollectConfig | Mapping[str, Any] | DictConfig | None = None
         }
 
 
+def run_cli(prog: str, job: Callable[[], Any], kept: str) -> Any:
+    """Run a CLI's job: SIGTERM stops it like Ctrl-C (exit 130, saying that `kept` stays and a rerun
+    resumes); bad options or a bad dataset path print one line instead of a traceback (exit 2)."""
+    with sigterm_as_keyboard_interrupt():
+        try:
+            return job()
+        except (ValueError, DatasetError) as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; {kept} stay: rerun the same command to resume", file=sys.stderr)
+            sys.exit(130)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="collect")
 def main(cfg: DictConfig) -> None:
     """`ego-collect`: Hydra CLI around `collect`."""
-    with sigterm_as_keyboard_interrupt():
-        try:
-            s = collect(cfg)
-        except (ValueError, DatasetError) as e:  # bad options or a bad dataset path: a message, not a traceback
-            print(f"ego-collect: {e}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; committed episodes in {cfg.out} stay: rerun the same command to resume",
-                  file=sys.stderr)
-            sys.exit(130)
+    s = run_cli("ego-collect", lambda: collect(cfg), f"committed episodes in {cfg.out}")
     rate = "n/a" if s["success_rate"] is None else f"{s['success_rate']:.0%}"
     speed = "n/a" if s["steps_per_s"] is None else f"{s['steps_per_s']:.0f}"
     print(f"{s['out']}: +{s['episodes']} episodes ({s['skipped']} already there, {s['discarded']} discarded), "

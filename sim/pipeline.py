@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import sys
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,10 +38,9 @@ from sim.collect import (
     CollectConfig,
     check_choice,
     collect,
-    sigterm_as_keyboard_interrupt,
+    run_cli,
     to_config,
 )
-from sim.dataset import DatasetError
 from sim.evaluate import DEFAULT_CONTROLLER, controller_config, evaluate
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -325,16 +323,7 @@ def run_pipeline(config: PipelineConfig | Mapping[str, Any] | DictConfig | None 
 @hydra.main(version_base="1.3", config_path="conf", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     """`ego-pipeline`: Hydra CLI around `run_pipeline`."""
-    with sigterm_as_keyboard_interrupt():
-        try:
-            result = run_pipeline(cfg)
-        except (ValueError, DatasetError) as e:  # bad options or a bad dataset path: a message, not a traceback
-            print(f"ego-pipeline: {e}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; finished stages in {cfg.out_dir} stay: rerun the same command to resume",
-                  file=sys.stderr)
-            sys.exit(130)
+    result = run_cli("ego-pipeline", lambda: run_pipeline(cfg), f"finished stages in {cfg.out_dir}")
     print(f"report: {result['report']}")
 
 
