@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     n_steps = 500 if args.quick else 3000
-    episodes, max_steps = (6, 60) if args.quick else (40, None)
+    episodes, max_steps = (6, 60) if args.quick else (100, None)  # 100 episodes: steady state, start-up amortised
 
     # this machine is shared and noisy: every figure is the median of `repeats` runs, all runs listed
     runs = [one_process(n_steps, args.image_size, seed=r) for r in range(repeats)]
