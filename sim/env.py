@@ -386,7 +386,6 @@ class EgoPushEnv(gym.Env):
         for k, geom in enumerate(self._marker_geoms):
             self.model.geom_group[geom] = MARKER_GROUP if k < n_goals else HIDDEN_GROUP
         self.goals = goals
-        self._robot_init = robot
 
     def _sample_task_layout(self, rng, robot, lim):
         """Positions (N, 3) for self.objects and goals (G, 2), or None to retry."""
@@ -507,7 +506,7 @@ class EgoPushEnv(gym.Env):
         dist = np.linalg.norm(after[:2] - pose_before[:2])
         turn = abs(wrap_angle(after[2] - pose_before[2]))
         rng = self.np_random
-        self._odom_error[:2] += rng.normal(0.0, 0.02 * np.sqrt(dist + 1e-9) * np.sqrt(dist), 2)
+        self._odom_error[:2] += rng.normal(0.0, 0.02 * dist, 2)  # 2% of the distance driven
         self._odom_error[2] += rng.normal(0.0, 0.02 * turn + 0.01 * dist)
 
     def _odometry_from_world(self) -> np.ndarray:

@@ -513,3 +513,18 @@ def test_headless_rendering_does_not_depend_on_import_order():
         [sys.executable, "-c", code], env=child_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_odometry_drift_moves_cam_pose_off_the_true_pose_by_a_little():
+    """With drift, cam_pose is the robot's belief: off the true camera pose, and more so the farther it drives."""
+    errors = {}
+    for drift in (False, True):
+        env = EgoPushEnv(task="single", level="hard", randomization=Randomization(odometry_drift=drift))
+        obs, _ = env.reset(seed=3)
+        for _ in range(40):
+            obs, *_ = env.step([0.2, 0.3])
+        d = env.data
+        true_pos = d.cam_xpos[env.cam_id]
+        errors[drift] = float(np.linalg.norm(obs["cam_pose"][:3, 3] - true_pos))
+    assert errors[False] < 1e-4
+    assert 1e-4 < errors[True] < 0.15
