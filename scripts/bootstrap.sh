@@ -10,12 +10,16 @@ PYTHON=${PYTHON:-python3}
 need_apt=()
 ldconfig -p 2>/dev/null | grep -q 'libEGL.so.1' || need_apt+=(libegl1 libegl-mesa0 libgl1-mesa-dri)
 ldconfig -p 2>/dev/null | grep -q 'libGL.so.1' || need_apt+=(libgl1)
+# Debian's own python3 ships venv without ensurepip: that is the python3-venv package
+if [ ! -x "$VENV/bin/python" ] && ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
+  need_apt+=("python3-venv")
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "bootstrap: installing ${need_apt[*]} for headless rendering"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
   else
-    echo "bootstrap: please install ${need_apt[*]} (EGL/Mesa for headless MuJoCo rendering)" >&2
+    echo "bootstrap: please install ${need_apt[*]} (EGL/Mesa for headless MuJoCo rendering, venv)" >&2
   fi
 fi
 
