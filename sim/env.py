@@ -212,8 +212,11 @@ class EgoPushEnv(gym.Env):
         super().reset(seed=seed)
         rng = self.np_random
         m, d = self.model, self.data
-        mujoco.mj_resetData(m, d)
         self._apply_randomization(rng)
+        if self.config.randomization.object_masses or self.config.randomization.object_sizes:
+            # the solver's mass-dependent constants (body/dof invweight0) must follow the new masses
+            mujoco.mj_setConst(m, d)
+        mujoco.mj_resetData(m, d)
         cfg = self.config
         self.formation = None
         if cfg.task == "single":

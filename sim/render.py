@@ -80,8 +80,6 @@ class RGBDRenderer:
         self._camera.type = mujoco.mjtCamera.mjCAMERA_FIXED
         self._camera.fixedcamid = self.camera_id
         self._rect = mujoco.MjrRect(0, 0, self.width, self.height)
-        extent = model.stat.extent
-        self._near_far = (np.float32(model.vis.map.znear * extent), np.float32(model.vis.map.zfar * extent))
         self._rgb = np.empty((self.height, self.width, 3), np.uint8)
         self._zbuf = np.empty((self.height, self.width), np.float32)
 
@@ -116,7 +114,8 @@ class RGBDRenderer:
     def _linear_depth(self, zbuf: np.ndarray) -> np.ndarray:
         # MuJoCo 3.3+ renders with reversed Z, read back as 0 at the far plane (ZEROFAR):
         # z = near * far / (d * (far - near) + near) inverts its perspective depth mapping.
-        near, far = self._near_far
+        extent = self.model.stat.extent  # read each time: mj_setConst may change it
+        near, far = np.float32(self.model.vis.map.znear * extent), np.float32(self.model.vis.map.zfar * extent)
         return (near * far) / (zbuf * np.float32(far - near) + np.float32(near))
 
     def render_segmentation(self, data: mujoco.MjData) -> np.ndarray:
