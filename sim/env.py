@@ -390,8 +390,10 @@ class EgoPushEnv(gym.Env):
             self.model.geom_group[geom] = MARKER_GROUP if k < n_goals else HIDDEN_GROUP
         self.goals = goals
 
-    def _sample_task_layout(self, rng, robot, lim):
-        """Positions (N, 3) for self.objects and goals (G, 2), or None to retry."""
+    def _sample_task_layout(
+        self, rng: np.random.Generator, robot: np.ndarray, lim: float
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Positions (N, 3: x, y, yaw for the anchor) of self.objects and goals (G, 2), or None to retry."""
         easy = self.config.level == "easy"
 
         def in_view(r_min, r_max, bearing):
