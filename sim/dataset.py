@@ -1117,14 +1117,40 @@ def _render_panel(key: str, frames: np.ndarray) -> np.ndarray:
     )
 
 
-def _resize_nearest(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(T, H, W, C) -> (T, height, width, C) by nearest neighbour."""
-    h, w = frames.shape[1:3]
+def resize_nearest(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(..., H, W, C) -> (..., height, width, C) by nearest neighbour (keeps real pixels visible)."""
+    h, w = frames.shape[-3:-1]
     if (h, w) == (height, width):
         return frames
     rows = np.arange(height) * h // height
     cols = np.arange(width) * w // width
-    return frames[:, rows][:, :, cols]
+    return frames[..., rows, :, :][..., cols, :]
+
+
+class VideoFile:
+    """An H.264 MP4 (yuv420p) streamed to a temporary name: `commit()` renames it into place,
+    `discard()` drops it, so a crash never leaves a half-written video under the final name."""
+
+    def __init__(self, path: PathLike, fps: float = 10) -> None:
+        import imageio.v2 as imageio  # heavy, and only needed here
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4")
+        self._writer = imageio.get_writer(self._tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                          pixelformat="yuv420p", macro_block_size=1)
+
+    def append(self, frame: np.ndarray) -> None:
+        self._writer.append_data(frame)
+
+    def commit(self) -> Path:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 def export_episode(
@@ -1161,7 +1187,7 @@ def export_episode(
 
     panels = [_render_panel(k, episode[k]) for k in keys]
     height = max(p.shape[1] for p in panels)
-    panels = [_resize_nearest(p, height, p.shape[2] * height // p.shape[1]) for p in panels]
+    panels = [resize_nearest(p, height, p.shape[2] * height // p.shape[1]) for p in panels]
     frames = np.concatenate(panels, axis=2)
     scale = max(1, math.ceil(min_height / height))
     frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -1169,24 +1195,24 @@ def export_episode(
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
-    import imageio.v2 as imageio  # heavy, and only needed here
-    import imageio.v3 as iio
+    if suffix == ".mp4":
+        video = VideoFile(out, fps=fps)
+        try:
+            for frame in frames:
+                video.append(frame)
+        except BaseException:
+            video.discard()
+            raise
+        return video.commit()
+
+    import imageio.v3 as iio  # heavy, and only needed here
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Same suffix, so the encoder picks the same format; renamed when complete.
     tmp = out.with_name(f".{out.stem}.{uuid.uuid4().hex[:8]}.partial{suffix}")
     try:
-        if suffix == ".mp4":
-            writer = imageio.get_writer(
-                tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                pixelformat="yuv420p", macro_block_size=1,
-            )
-            with writer:
-                for frame in frames:
-                    writer.append_data(frame)
-        else:
-            # pillow plugin: duration per frame in milliseconds; loop=0 repeats forever
-            iio.imwrite(tmp, frames, plugin="pillow", duration=1000.0 / fps, loop=0)
+        # pillow plugin: duration per frame in milliseconds; loop=0 repeats forever
+        iio.imwrite(tmp, frames, plugin="pillow", duration=1000.0 / fps, loop=0)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1197,9 +1223,11 @@ __all__ = [
     "DatasetError",
     "EpisodeDataset",
     "EpisodeWriter",
+    "VideoFile",
     "WindowSampler",
     "colorize_depth",
     "export_episode",
+    "resize_nearest",
     "FORMAT_NAME",
     "FORMAT_VERSION",
 ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import uuid
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from sim.collect import EpisodeWorkers, check_choice, env_kwargs, rollout
-from sim.dataset import colorize_depth
+from sim.dataset import VideoFile, colorize_depth, resize_nearest
 from sim.env import CONTROL_HZ, EgoPushEnv
 
 DEFAULT_CONTROLLER: dict[str, Any] = {"_target_": "sim.experts.PushExpert"}
@@ -65,38 +64,8 @@ def controller_config(controller: Mapping[str, Any] | DictConfig | str) -> dict[
 def compose_frame(overview: np.ndarray, rgb: np.ndarray, depth: np.ndarray) -> np.ndarray:
     """uint8 (S, 3S, 3): overview | egocentric RGB | depth, each scaled to the overview's height S."""
     size = overview.shape[0]
-
-    def fit(img: np.ndarray) -> np.ndarray:  # nearest neighbour keeps the robot's real pixels visible
-        rows = np.arange(size) * img.shape[0] // size
-        cols = np.arange(size) * img.shape[1] // size
-        return img[rows][:, cols]
-
-    return np.concatenate([overview, fit(rgb), fit(colorize_depth(depth, *DEPTH_RANGE_SHOWN))], axis=1)
-
-
-class VideoFile:
-    """An H.264 MP4 streamed to a temporary name; `commit()` renames it into place, `discard()` drops it."""
-
-    def __init__(self, path: Path, fps: float = CONTROL_HZ) -> None:
-        import imageio.v2 as imageio
-
-        self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4")
-        self._writer = imageio.get_writer(self._tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                          pixelformat="yuv420p", macro_block_size=1)
-
-    def append(self, frame: np.ndarray) -> None:
-        self._writer.append_data(frame)
-
-    def commit(self) -> Path:
-        self._writer.close()
-        os.replace(self._tmp, self.path)
-        return self.path
-
-    def discard(self) -> None:
-        self._writer.close()
-        self._tmp.unlink(missing_ok=True)
+    depth_rgb = colorize_depth(depth, *DEPTH_RANGE_SHOWN)
+    return np.concatenate([overview, resize_nearest(rgb, size, size), resize_nearest(depth_rgb, size, size)], axis=1)
 
 
 # ---------------------------------------------------------------------------- episodes
@@ -118,7 +87,7 @@ class EpisodeEvaluator:
         cfg = self.env.config
         video = None
         if self.video_dir is not None:
-            video = VideoFile(self.video_dir / f"{cfg.task}_{cfg.level}_seed{seed:05d}.mp4")
+            video = VideoFile(self.video_dir / f"{cfg.task}_{cfg.level}_seed{seed:05d}.mp4", fps=CONTROL_HZ)
         try:
             length, episode_return = 0, 0.0
             for tr in rollout(self.env, self.controller, seed, overview=video is not None):
