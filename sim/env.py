@@ -189,7 +189,6 @@ class EgoPushEnv(gym.Env):
             )
         self._markers = [m.body_mocapid[name2id(mujoco.mjtObj.mjOBJ_BODY, n)] for n in MARKER_NAMES]
         self._marker_geoms = [name2id(mujoco.mjtObj.mjOBJ_GEOM, n) for n in MARKER_NAMES]
-        self._marker_goal_geom = self._marker_geoms[0]
         self._light = name2id(mujoco.mjtObj.mjOBJ_LIGHT, "sun")
         robot_geoms = {g for g in range(m.ngeom) if self._is_robot_body(m.geom_bodyid[g])}
         # Segmentation classes: 0 background/floor, 1 walls, 2 robot, 3.. the task's objects in order.
@@ -227,7 +226,7 @@ class EgoPushEnv(gym.Env):
         self._objects_qidx = np.array([self._obj[n]["qadr"] + np.arange(7) for n in self.objects])
         self._place_scene(rng)
         if self.formation is not None:  # neutral slot markers; the single task's goal keeps the target's hue
-            m.geom_rgba[self._marker_goal_geom] = [0.95, 0.95, 0.95, 1]
+            m.geom_rgba[self._marker_geoms[0]] = [0.95, 0.95, 0.95, 1]
         self._steps = 0
         self._n_clipped = 0
         self._odom_error = np.zeros(3)  # (dx, dy, dyaw) of odometry drift, world frame
@@ -248,9 +247,11 @@ class EgoPushEnv(gym.Env):
         v, w = float(clipped[0]), float(clipped[1])
         half = 0.5 * WHEEL_SEPARATION
         self.data.ctrl[:] = [(v - w * half) / WHEEL_RADIUS, (v + w * half) / WHEEL_RADIUS]
-        pose_before = self.robot_pose()
+        drift = self.config.randomization.odometry_drift
+        pose_before = self.robot_pose() if drift else None
         mujoco.mj_step(self.model, self.data, nstep=self.n_substeps)
-        self._update_odometry(pose_before)
+        if drift:
+            self._update_odometry(pose_before)
         if self.formation is not None:  # slot markers follow the anchor; the single goal stays put
             self._update_markers()
         # mj_step leaves positions-derived quantities (body and camera poses) one substep behind qpos
@@ -505,8 +506,7 @@ class EgoPushEnv(gym.Env):
             m.cam_quat[self.cam_id] = q
 
     def _update_odometry(self, pose_before: np.ndarray) -> None:
-        if not self.config.randomization.odometry_drift:
-            return
+        """Random-walk drift of the odometry frame, growing with the distance and turn just driven."""
         after = self.robot_pose()
         dist = np.linalg.norm(after[:2] - pose_before[:2])
         turn = abs(wrap_angle(after[2] - pose_before[2]))
