@@ -29,6 +29,13 @@ fi
 stamp="$VENV/.egoworld-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
+  # PyTorch first, so that the project's `torch>=2.2` finds it installed: a bare requirement would
+  # pull the newest CUDA build (several GB). TORCH_SPEC picks another build, e.g. for a GPU machine:
+  #   TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" scripts/bootstrap.sh
+  if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
+  fi
   "$VENV/bin/python" -m pip install -q -e ".[test]"
   touch "$stamp"
 fi

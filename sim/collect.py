@@ -80,6 +80,7 @@ class CollectConfig:
     noise_prob: float = 0.3  # noisy_expert: fraction of steps in noise bursts
     only_success: bool = False  # drop failed episodes (a rerun retries their seeds)
     render_overview: bool = False  # also store the 256x256 third-person view per step
+    segmentation: bool = False  # also store per-pixel object ids (uint8, ids as info["seg_ids"]) per step
     progress: bool = True  # tqdm progress bar
 
 
@@ -118,12 +119,14 @@ def _check(cfg: CollectConfig) -> None:
         raise ValueError(f"noise_prob must lie in [0, 1]; got {cfg.noise_prob}")
 
 
-def env_kwargs(task: str, level: str, image_size: int, max_steps: int | None, randomize: bool) -> dict[str, Any]:
+def env_kwargs(task: str, level: str, image_size: int, max_steps: int | None, randomize: bool,
+               segmentation: bool = False) -> dict[str, Any]:
     """Plain-data EgoPushEnv arguments (they travel to worker processes)."""
     check_choice("task", task, TASKS)
     check_choice("level", level, LEVELS)
     randomization = asdict(Randomization.all_on() if randomize else Randomization())
-    return dict(task=task, level=level, image_size=image_size, max_steps=max_steps, randomization=randomization)
+    return dict(task=task, level=level, image_size=image_size, max_steps=max_steps, randomization=randomization,
+                segmentation=segmentation)
 
 
 # ---------------------------------------------------------------------------- episodes
@@ -185,6 +188,8 @@ class EpisodeRecorder:
                     "is_success": tr.next_info["is_success"]}
             if self.overview:
                 row["overview"] = tr.overview
+            if "segmentation" in tr.info:
+                row["segmentation"] = tr.info["segmentation"].astype(np.uint8)
             for key, value in row.items():
                 columns.setdefault(key, []).append(value)
             episode_return += tr.reward
@@ -412,6 +417,7 @@ def dataset_meta(cfg: CollectConfig, env_args: dict[str, Any]) -> dict[str, Any]
             "cam_pose": "world-from-optical-camera (x right, y down, z forward)",
         },
         "proprio_fields": list(PROPRIO_FIELDS),
+        "segmentation_ids": "object i of object_poses has id i + 3; 0 floor/sky, 1 walls, 2 robot",
         "action_fields": ["v (m/s)", "omega (rad/s)"],
         "action_low": ACTION_LOW.tolist(),
         "action_high": ACTION_HIGH.tolist(),
@@ -432,7 +438,7 @@ def collect(config: CollectConfig | Mapping[str, Any] | DictConfig | None = None
 
     cfg: CollectConfig = to_config(config, CollectConfig, overrides)
     _check(cfg)
-    args = env_kwargs(cfg.task, cfg.level, cfg.image_size, cfg.max_steps, cfg.randomize)
+    args = env_kwargs(cfg.task, cfg.level, cfg.image_size, cfg.max_steps, cfg.randomize, cfg.segmentation)
     t0 = time.perf_counter()
     meta = dataset_meta(cfg, args)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

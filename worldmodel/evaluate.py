@@ -1,0 +1,142 @@
+"""Measure an object-centric encoder on held-out episodes: FG-ARI, a linear position probe, slot identity
+over moving-camera clips, and streaming latency (dense vs block-sparse attention).
+
+Used by `benchmarks/wm_encoder.py`; the held-out episodes use seeds far from any training seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from worldmodel.data import Clips
+from worldmodel.encoder import ObjectCentricEncoder
+from worldmodel.metrics import (apply_linear_probe, fg_ari, fit_linear_probe, identity_consistency,
+                                match_objects)
+
+EVAL_SEED = 100_000  # training data uses seeds from 0
+
+
+@dataclass
+class EvalSource:
+    task: str
+    level: str
+    policy: str
+    episodes: int
+    max_steps: int
+
+
+def default_eval_sources(quick: bool = False) -> list[EvalSource]:
+    """Random exploration (a camera that turns and drives) and noisy-expert pushing, both tasks."""
+    if quick:
+        return [EvalSource("formation", "hard", "random", 2, 40)]
+    return [
+        EvalSource("formation", "hard", "random", 12, 100),
+        EvalSource("formation", "hard", "noisy_expert", 6, 100),
+        EvalSource("single", "hard", "random", 6, 100),
+    ]
+
+
+def collect_eval_data(root: str | Path, sources: list[EvalSource], image_size: int = 64,
+                      progress: bool = False) -> list[str]:
+    from sim.collect import collect
+
+    paths = []
+    for s in sources:
+        path = str(Path(root) / f"{s.task}_{s.level}_{s.policy}_{image_size}px_eval{s.episodes}x{s.max_steps}.zarr")
+        collect(out=path, task=s.task, level=s.level, policy=s.policy, episodes=s.episodes, seed=EVAL_SEED,
+                max_steps=s.max_steps, image_size=image_size, segmentation=True, workers=2, progress=progress)
+        paths.append(path)
+    return paths
+
+
+@torch.no_grad()
+def encode_clips(model: ObjectCentricEncoder, clips: Clips, clip_len: int, batch_size: int = 8,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """Non-overlapping clips of `clip_len` frames from every episode, encoded; per clip: masks
+    (T, K, H, W), features (T, K, F), segmentation (T, H, W), object_poses (T, O, 3), episode."""
+    starts, episodes = [], []
+    for e, (s, t) in enumerate(zip(clips.starts, clips.ends)):
+        for c in range(s, t - clip_len + 1, clip_len):
+            starts.append(c)
+            episodes.append(e)
+    torch.manual_seed(seed)
+    out = []
+    for i in range(0, len(starts), batch_size):
+        idx = np.asarray(starts[i:i + batch_size])
+        b = clips.batch(idx, clip_len)
+        enc = model(b["rgb"], b["depth"], b["intrinsics"], b["cam_pose"])
+        for j in range(len(idx)):
+            out.append({"masks": enc.masks[j].numpy(), "features": enc.features[j].numpy(),
+                        "segmentation": b["segmentation"][j].numpy(), "object_poses": b["object_poses"][j].numpy(),
+                        "episode": episodes[i + j]})
+    return out
+
+
+def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[str, Any]:
+    """fg_ari, slot_identity_consistency and probe_median_err_m from encoded clips."""
+    aris, same, total = [], 0, 0
+    feats, targets, groups = [], [], []
+    for clip in encoded:
+        n_obj = clip["object_poses"].shape[1]
+        matches = []
+        for t in range(len(clip["masks"])):
+            a = fg_ari(clip["masks"][t], clip["segmentation"][t])
+            if a is not None:
+                aris.append(a)
+            m = match_objects(clip["masks"][t], clip["segmentation"][t], n_obj, min_pixels)
+            matches.append(m)
+            for o, s in m.items():
+                pose = clip["object_poses"][t, o]
+                if np.isfinite(pose).all():
+                    feats.append(clip["features"][t, s])
+                    targets.append(pose[:2])
+                    groups.append(clip["episode"])
+        s_, t_ = identity_consistency(matches)
+        same, total = same + s_, total + t_
+    result: dict[str, Any] = {
+        "fg_ari": float(np.mean(aris)) if aris else None,
+        "fg_ari_frames": len(aris),
+        "slot_identity_consistency": same / total if total else None,
+        "identity_object_steps": total,
+    }
+    # linear probe: fit on half of the episodes, test on the other half
+    if feats:
+        x, y, g = np.asarray(feats, np.float64), np.asarray(targets, np.float64), np.asarray(groups)
+        train = g % 2 == 0
+        if train.any() and (~train).any():
+            w = fit_linear_probe(x[train], y[train])
+            err = np.linalg.norm(apply_linear_probe(w, x[~train]) - y[~train], axis=1)
+            result |= {"probe_median_err_m": float(np.median(err)), "probe_mean_err_m": float(err.mean()),
+                       "probe_train_samples": int(train.sum()), "probe_test_samples": int((~train).sum())}
+    return result
+
+
+@torch.no_grad()
+def stream_latency(model: ObjectCentricEncoder, clips: Clips, frames: int = 30, repeats: int = 3) -> dict[str, Any]:
+    """Per-frame latency of `ObjectCentricEncoder.step` at batch 1 (a robot's stream), dense and
+    block-sparse interleaved in one process; medians in ms and their ratio."""
+    b = clips.batch(np.asarray([int(clips.starts[0])]), min(frames, int(clips.ends[0] - clips.starts[0])))
+    times: dict[str, list[float]] = {"dense": [], "sparse": []}
+    attn_layers = [blk.attn for blk in model.blocks]
+    for _ in range(repeats):
+        for mode in ("dense", "sparse"):
+            for layer in attn_layers:
+                layer.sparse = mode == "sparse"
+            state = None
+            for t in range(b["rgb"].shape[1]):
+                t0 = time.perf_counter()
+                _, state = model.step(b["rgb"][:, t], b["depth"][:, t], b["intrinsics"][:, t], b["cam_pose"][:, t],
+                                      state)
+                if t > 0:  # the first frame of a stream builds its window
+                    times[mode].append((time.perf_counter() - t0) * 1000)
+    for layer in attn_layers:
+        layer.sparse = model.cfg.sparse
+    dense, sparse = float(np.median(times["dense"])), float(np.median(times["sparse"]))
+    return {"dense_ms": dense, "sparse_ms": sparse, "sparse_over_dense": sparse / dense,
+            "frames_timed": len(times["dense"]), "threads": torch.get_num_threads()}

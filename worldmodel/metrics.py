@@ -1,0 +1,93 @@
+"""Object-discovery metrics of slot masks against the simulator's segmentation (numpy, no torch).
+
+Segmentation ids: 0 floor/sky, 1 walls, 2 robot, 3 + i object i (`FIRST_OBJECT_ID`). The foreground
+is the objects' pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+FIRST_OBJECT_ID = 3
+
+
+def adjusted_rand_index(true: np.ndarray, pred: np.ndarray) -> float:
+    """ARI (Hubert & Arabie) of two labelings of the same items (any integer labels).
+    1 = identical partitions; about 0 = chance. Both single-cluster: 1 by convention."""
+    true, pred = np.asarray(true).ravel(), np.asarray(pred).ravel()
+    if true.size != pred.size:
+        raise ValueError(f"labelings differ in size: {true.size} vs {pred.size}")
+    n = true.size
+    if n < 2:
+        return 1.0
+    _, t = np.unique(true, return_inverse=True)
+    _, p = np.unique(pred, return_inverse=True)
+    table = np.zeros((t.max() + 1, p.max() + 1), np.int64)
+    np.add.at(table, (t, p), 1)
+    comb = lambda x: x * (x - 1) / 2.0  # noqa: E731
+    index = comb(table).sum()
+    rows, cols = comb(table.sum(1)).sum(), comb(table.sum(0)).sum()
+    expected = rows * cols / comb(n)
+    maximum = (rows + cols) / 2
+    if maximum == expected:
+        return 1.0
+    return float((index - expected) / (maximum - expected))
+
+
+def fg_ari(masks: np.ndarray, segmentation: np.ndarray) -> float | None:
+    """Foreground ARI of one frame: masks (K, H, W) alphas (argmax = a pixel's slot), segmentation (H, W).
+    None when the frame shows no object."""
+    fg = segmentation >= FIRST_OBJECT_ID
+    if not fg.any():
+        return None
+    return adjusted_rand_index(segmentation[fg], masks.argmax(0)[fg])
+
+
+def match_objects(masks: np.ndarray, segmentation: np.ndarray, n_objects: int, min_pixels: int = 20) -> dict[int, int]:
+    """Object index -> slot, by Hungarian matching on IoU between each object's pixels and each slot's
+    argmax region; only objects with at least `min_pixels` visible pixels take part."""
+    assign = masks.argmax(0)
+    k = masks.shape[0]
+    objs = [o for o in range(n_objects) if (segmentation == FIRST_OBJECT_ID + o).sum() >= min_pixels]
+    if not objs:
+        return {}
+    iou = np.zeros((len(objs), k))
+    for i, o in enumerate(objs):
+        obj = segmentation == FIRST_OBJECT_ID + o
+        for s in range(k):
+            region = assign == s
+            union = (obj | region).sum()
+            iou[i, s] = (obj & region).sum() / union if union else 0.0
+    rows, cols = linear_sum_assignment(-iou)
+    return {objs[r]: int(c) for r, c in zip(rows, cols)}
+
+
+def identity_consistency(matches: list[dict[int, int]]) -> tuple[int, int]:
+    """Over one clip's per-frame matches: (steps on which each object sits in its most frequent slot,
+    steps on which it was matched at all), summed over objects."""
+    per_obj: dict[int, list[int]] = {}
+    for m in matches:
+        for o, s in m.items():
+            per_obj.setdefault(o, []).append(s)
+    same = total = 0
+    for slots in per_obj.values():
+        same += np.bincount(slots).max()
+        total += len(slots)
+    return int(same), int(total)
+
+
+def fit_linear_probe(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """Ridge regression weights W (D + 1, C) with a bias row: y ~ [x, 1] @ W. Features are standardised
+    inside (the returned W works on raw x)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xs = np.concatenate([(x - mu) / sd, np.ones((len(x), 1))], 1)
+    w = np.linalg.solve(xs.T @ xs + ridge * len(x) * np.eye(xs.shape[1]), xs.T @ y)
+    # fold the standardisation into the weights
+    w_raw = w[:-1] / sd[:, None]
+    b = w[-1] - (mu / sd) @ w[:-1]
+    return np.concatenate([w_raw, b[None]], 0)
+
+
+def apply_linear_probe(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return x @ w[:-1] + w[-1]

@@ -1,0 +1,342 @@
+"""`ego-train-wm`: train the world model, one stage at a time (Hydra CLI).
+
+    ego-train-wm stage=encoder                      # collects its data first if needed
+    ego-train-wm stage=encoder model.rope=2d out=runs/wm_2d train.time_budget_min=20
+    torchrun --nproc-per-node 2 --no-python ego-train-wm stage=encoder   # DDP (gloo on CPU, nccl on CUDA)
+
+A run directory is a checkpoint (config.yaml, model.safetensors, stats.json, metrics.json) plus
+train_state.pt, tb/ (TensorBoard scalars), report.md and loss.png. Rerunning the same command
+resumes from the last checkpoint; a finished run is left as it is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from sim.collect import check_choice, to_config
+from worldmodel.checkpoint import load_state_strict, read_checkpoint, save_checkpoint, write_json
+from worldmodel.data import FRAME_KEYS, Clips
+from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
+from worldmodel.objectives import encoder_loss
+
+STAGES = ("encoder",)
+
+
+@dataclass
+class DataSource:
+    """One `ego-collect` run whose episodes train the world model."""
+
+    task: str = "formation"
+    level: str = "hard"
+    policy: str = "random"
+    episodes: int = 60
+    max_steps: int | None = 200
+    seed: int = 0
+
+
+def _default_sources() -> list[DataSource]:
+    # random exploration gives the camera motion, noisy expert episodes the pushing; both tasks so
+    # that the encoder sees one box and six objects alike
+    return [
+        DataSource("formation", "hard", "random", 60, 200),
+        DataSource("formation", "hard", "noisy_expert", 30, 300),
+        DataSource("single", "hard", "random", 40, 200),
+        DataSource("single", "hard", "noisy_expert", 30, 200),
+    ]
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/wm"  # where `sources` are collected (resumable)
+    paths: list[str] = field(default_factory=list)  # use these datasets instead of collecting `sources`
+    sources: list[DataSource] = field(default_factory=_default_sources)
+    image_size: int = 64
+    workers: int = 2  # collection worker processes
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 8  # clips per optimiser step (per process under DDP)
+    clip_len: int = 6  # frames per clip (SAVi trains on 6)
+    lr: float = 4e-4
+    warmup: int = 150
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    depth_weight: float = 1.0
+    mask_weight: float = 1.0  # simulator segmentation as an auxiliary mask target; 0 = unsupervised
+    time_budget_min: float = 40.0  # stop (with a checkpoint) after this much training time; <= 0: no limit
+    log_every: int = 25
+    ckpt_every: int = 250
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class WorldModelTrainConfig:
+    """Options of `ego-train-wm` (defaults mirrored in worldmodel/conf/train_wm.yaml)."""
+
+    stage: str = "encoder"
+    out: str = "runs/wm_encoder"
+    resume: bool = True  # continue from out/ when it holds a checkpoint of this stage
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+ConfigStore.instance().store(name="train_wm_schema", node=WorldModelTrainConfig)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def dataset_paths(cfg: DataConfig, progress: bool = True) -> list[str]:
+    """The datasets to train on, collecting missing `sources` episodes first."""
+    if cfg.paths:
+        return list(cfg.paths)
+    from sim.collect import collect
+
+    paths = []
+    for s in cfg.sources:
+        path = str(Path(cfg.root) / f"{s.task}_{s.level}_{s.policy}_{cfg.image_size}px.zarr")
+        collect(out=path, task=s.task, level=s.level, policy=s.policy, episodes=s.episodes, seed=s.seed,
+                max_steps=s.max_steps, image_size=cfg.image_size, segmentation=True, workers=cfg.workers,
+                progress=progress)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+def _dist_setup(device: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def _broadcast_flag(flag: bool, world: int, dev: torch.device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% over `steps`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _check(cfg: WorldModelTrainConfig) -> None:
+    check_choice("stage", cfg.stage, STAGES)
+    t = cfg.train
+    if t.steps < 1 or t.batch_size < 1 or t.clip_len < 1:
+        raise ValueError(f"train.steps, train.batch_size and train.clip_len must be >= 1; got {t.steps}, "
+                         f"{t.batch_size}, {t.clip_len}")
+    if cfg.model.image_size != (cfg.data.image_size, cfg.data.image_size) and not cfg.data.paths:
+        raise ValueError(f"model.image_size {cfg.model.image_size} differs from data.image_size {cfg.data.image_size}")
+
+
+def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train (or resume) one stage; returns the run's metrics. Works under torchrun (DDP)."""
+    if isinstance(config, dict) or config is None:
+        config = OmegaConf.merge(OmegaConf.structured(WorldModelTrainConfig), config or {})
+    cfg: WorldModelTrainConfig = to_config(config, WorldModelTrainConfig, overrides)
+    _check(cfg)
+    tc = cfg.train
+    rank, world, dev = _dist_setup(tc.device)
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    out = Path(cfg.out)
+    main = rank == 0
+
+    # data: rank 0 collects what is missing, the others wait for it
+    if main:
+        paths = dataset_paths(cfg.data, cfg.progress)
+    if world > 1:
+        holder = [paths if main else None]
+        dist.broadcast_object_list(holder, 0)
+        paths = holder[0]
+    need = (*FRAME_KEYS, "segmentation") if tc.mask_weight > 0 else FRAME_KEYS
+    clips = Clips.load(paths, need=need)
+    if clips.image_size != tuple(cfg.model.image_size):
+        raise ValueError(f"datasets have {clips.image_size} images; model.image_size is {cfg.model.image_size}")
+    starts = clips.clip_starts(tc.clip_len)
+
+    # model, optimiser, resume
+    state = _resume_state(out, cfg) if cfg.resume else None
+    stats = state["stats"] if state else clips.rgbd_stats(seed=tc.seed)
+    model = ObjectCentricEncoder(cfg.model, stats).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    step, train_s, history = 0, 0.0, []
+    if state:
+        load_state_strict(model, {k: v.to(dev) for k, v in state["weights"].items()}, out)
+        opt.load_state_dict(state["train_state"]["optimizer"])
+        step, train_s = state["train_state"]["step"], state["train_state"]["train_seconds"]
+        history = state["metrics"].get("history", [])
+    done = step >= tc.steps or (tc.time_budget_min > 0 and train_s >= tc.time_budget_min * 60)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    torch.manual_seed(tc.seed * 1000 + rank + step)
+
+    writer = None
+    if main and not done:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"), purge_step=step)
+    resolved = _resolved(cfg)
+    bar = tqdm(total=tc.steps, initial=step, desc=f"ego-train-wm {cfg.stage}", unit="step", disable=not (main and cfg.progress),
+               dynamic_ncols=True)
+    parts: dict[str, float] = {}
+    stop = done
+    try:
+        while not stop:
+            t0 = time.perf_counter()
+            rng = np.random.default_rng([tc.seed, rank, step])  # resumable sampling, different per rank
+            batch = clips.batch(rng.choice(starts, size=tc.batch_size), tc.clip_len, device=dev)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, tc)
+            out_ = ddp(batch["rgb"], batch["depth"], batch["intrinsics"], batch["cam_pose"])
+            loss, parts = encoder_loss(out_, batch, tc.depth_weight, tc.mask_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; last parts {parts}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            opt.step()
+            step += 1
+            train_s += time.perf_counter() - t0
+            if main:
+                bar.update(1)
+                if step % tc.log_every == 0 or step == 1:
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
+                    for k, v in parts.items():
+                        writer.add_scalar(f"{cfg.stage}/{k}", v, step)
+                    writer.add_scalar(f"{cfg.stage}/lr", lr_at(step - 1, tc), step)
+                    writer.add_scalar(f"{cfg.stage}/grad_norm", gnorm, step)
+                    history.append({"step": step, "train_s": round(train_s, 1), **parts})
+            over = tc.time_budget_min > 0 and train_s >= tc.time_budget_min * 60
+            stop = _broadcast_flag(step >= tc.steps or over, world, dev)
+            if main and (step % tc.ckpt_every == 0 or stop):
+                _save(out, model, opt, resolved, stats, step, train_s, history, parts, world, stop)
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+    if world > 1:
+        dist.barrier()
+    metrics = _metrics(step, train_s, history, parts, world, tc)
+    if main and not done:
+        write_report(out, cfg, metrics)
+    return metrics
+
+
+def _resolved(cfg: WorldModelTrainConfig) -> dict[str, Any]:
+    d = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    d["model"] = config_dict(cfg.model)
+    return d
+
+
+def _metrics(step: int, train_s: float, history: list, parts: dict, world: int, tc: TrainConfig) -> dict[str, Any]:
+    return {"stage": "encoder", "step": step, "train_seconds": round(train_s, 1), "processes": world,
+            "clips_seen": step * tc.batch_size * world, "last": parts, "history": history}
+
+
+def _save(out: Path, model, opt, resolved, stats, step, train_s, history, parts, world, finished) -> None:
+    tc = TrainConfig(**{k: v for k, v in resolved["train"].items()})
+    metrics = _metrics(step, train_s, history, parts, world, tc) | {"finished": finished}
+    save_checkpoint(out, model, resolved, stats, metrics,
+                    train_state={"optimizer": opt.state_dict(), "step": step, "train_seconds": train_s})
+
+
+def _resume_state(out: Path, cfg: WorldModelTrainConfig) -> dict[str, Any] | None:
+    if not (out / "train_state.pt").exists():
+        return None
+    config, weights, stats = read_checkpoint(out)
+    if config.get("stage") != cfg.stage or config.get("model") != config_dict(cfg.model):
+        raise ValueError(f"{out} holds a different run (stage/model config differ); pass out=<new dir> or resume=false")
+    from worldmodel.checkpoint import read_json
+
+    return {"weights": weights, "stats": stats, "metrics": read_json(out / "metrics.json"),
+            "train_state": torch.load(out / "train_state.pt", weights_only=False)}
+
+
+def load_encoder(directory: str | Path, device: str | torch.device = "cpu") -> ObjectCentricEncoder:
+    """An `ObjectCentricEncoder` from a checkpoint directory, in eval mode."""
+    config, weights, stats = read_checkpoint(directory)
+    if config.get("stage", "encoder") != "encoder" or "model" not in config:
+        raise ValueError(f"{directory} is not an encoder checkpoint (stage {config.get('stage')!r})")
+    model = ObjectCentricEncoder(EncoderConfig(**config["model"]), stats)
+    load_state_strict(model, weights, directory)
+    return model.to(device).eval()
+
+
+def write_report(out: Path, cfg: WorldModelTrainConfig, metrics: dict[str, Any]) -> None:
+    """report.md and loss.png of a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = metrics["history"]
+    if hist:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in [k for k in hist[-1] if k not in ("step", "train_s")]:
+            ax.plot([h["step"] for h in hist if key in h], [h[key] for h in hist if key in h], label=key)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.set_title(f"ego-train-wm {cfg.stage} ({cfg.model.rope})")
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=100)
+        plt.close(fig)
+    last = ", ".join(f"{k} {v:.4f}" for k, v in metrics["last"].items())
+    text = (f"# ego-train-wm {cfg.stage}\n\n"
+            f"- steps: {metrics['step']} ({metrics['clips_seen']} clips of {cfg.train.clip_len} frames, "
+            f"{metrics['processes']} process(es))\n"
+            f"- training time: {metrics['train_seconds'] / 60:.1f} min\n"
+            f"- final losses: {last}\n"
+            f"- rope: {cfg.model.rope}, slots: {cfg.model.num_slots}, image {cfg.model.image_size}\n\n"
+            f"![loss](loss.png)\n\nMeasure it: `python benchmarks/wm_encoder.py --checkpoint {out}`\n")
+    (out / "report.md").write_text(text)
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="train_wm")
+def main(cfg: DictConfig) -> None:
+    from sim.collect import run_cli
+
+    run_cli("ego-train-wm", lambda: train(cfg), kept=cfg.out)
+
+
+if __name__ == "__main__":
+    main()
