@@ -1,0 +1,131 @@
+"""ego-train-wm stage=encoder: CLI, checkpoints, resume, DDP on 2 CPU processes, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.checkpoint import read_checkpoint
+from worldmodel.data import Clips
+from worldmodel.metrics import adjusted_rand_index, fg_ari, identity_consistency, match_objects
+from worldmodel.train import load_encoder, train
+
+TINY_MODEL = {"dim": 32, "layers": 1, "heads": 2, "slot_dim": 32, "decoder_hidden": 32, "num_slots": 4}
+TINY_TRAIN = {"batch_size": 2, "clip_len": 2, "log_every": 1, "ckpt_every": 2, "warmup": 1, "threads": 1}
+
+
+def run_train(out: Path, dataset: str, steps: int, **extra):
+    return train(out=str(out), progress=False, data={"paths": [dataset]}, model=TINY_MODEL,
+                 train=TINY_TRAIN | {"steps": steps}, **extra)
+
+
+def test_checkpoint_layout_reload_and_resume(tmp_path, wm_dataset):
+    out = tmp_path / "run"
+    m = run_train(out, wm_dataset, steps=2)
+    assert m["step"] == 2
+    for f in ("config.yaml", "model.safetensors", "stats.json", "metrics.json", "train_state.pt", "report.md",
+              "loss.png"):
+        assert (out / f).exists(), f
+    assert list((out / "tb").iterdir()), "no TensorBoard events"
+    config, _, stats = read_checkpoint(out)
+    assert config["stage"] == "encoder" and config["model"]["rope"] == "3d-world"
+    assert len(stats["rgbd_mean"]) == 4
+
+    # a checkpoint reloads from its directory alone to identical outputs
+    a, b = load_encoder(out), load_encoder(out)
+    clips = Clips.load([wm_dataset])
+    x = clips.batch(np.array([0]), 2)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ya = a(x["rgb"], x["depth"], x["intrinsics"], x["cam_pose"])
+        torch.manual_seed(0)
+        yb = b(x["rgb"], x["depth"], x["intrinsics"], x["cam_pose"])
+    assert torch.equal(ya.slots, yb.slots) and torch.equal(ya.masks, yb.masks)
+
+    # rerunning with more steps resumes where it stopped
+    m = run_train(out, wm_dataset, steps=4)
+    assert m["step"] == 4
+    hist = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_model(tmp_path, wm_dataset):
+    out = tmp_path / "run"
+    run_train(out, wm_dataset, steps=1)
+    with pytest.raises(ValueError, match="different run"):
+        train(out=str(out), progress=False, data={"paths": [wm_dataset]}, model=TINY_MODEL | {"rope": "2d"},
+              train=TINY_TRAIN | {"steps": 2})
+
+
+def test_bad_options_and_data(tmp_path, wm_dataset):
+    with pytest.raises(ValueError, match="stage must be one of"):
+        train(out=str(tmp_path / "x"), stage="decoder", data={"paths": [wm_dataset]})
+    bare = tmp_path / "bare.zarr"
+    from sim.collect import collect
+
+    collect(out=str(bare), task="single", level="easy", policy="random", episodes=1, max_steps=5, workers=0,
+            progress=False)
+    with pytest.raises(ValueError, match="segmentation=true"):
+        run_train(tmp_path / "y", str(bare), steps=1)
+
+
+def test_cli_trains_and_a_checkpoint_loads(tmp_path, wm_dataset):
+    out = tmp_path / "cli"
+    args = [f"out={out}", f"data.paths=[{wm_dataset}]", "train.steps=2", "progress=false"]
+    args += [f"model.{k}={v}" for k, v in TINY_MODEL.items()] + [f"train.{k}={v}" for k, v in TINY_TRAIN.items()]
+    r = subprocess.run([sys.executable, "-m", "worldmodel.train", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_encoder(out).cfg.num_slots == 4
+    r = subprocess.run([sys.executable, "-m", "worldmodel.train", f"out={tmp_path / 'z'}", "model.rope=3d"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "rope" in r.stderr
+
+
+def test_ddp_two_cpu_processes(tmp_path, wm_dataset):
+    """torchrun with 2 processes on gloo: both step in lockstep, rank 0 writes one checkpoint."""
+    out = tmp_path / "ddp"
+    args = [f"out={out}", f"data.paths=[{wm_dataset}]", "train.steps=2", "progress=false"]
+    args += [f"model.{k}={v}" for k, v in TINY_MODEL.items()] + [f"train.{k}={v}" for k, v in TINY_TRAIN.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                        "-m", "worldmodel.train", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["step"] == 2
+    assert metrics["clips_seen"] == 2 * 2 * TINY_TRAIN["batch_size"]
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_adjusted_rand_index_known_values():
+    a = np.array([0, 0, 1, 1, 2, 2])
+    assert adjusted_rand_index(a, a) == pytest.approx(1.0)
+    assert adjusted_rand_index(a, 5 - a) == pytest.approx(1.0)  # label names do not matter
+    # hand-computed: contingency [[2,0],[1,1],[0,2]] -> index 2, rows 3, cols 6, expected 1.2, max 4.5
+    assert adjusted_rand_index(a, np.array([0, 0, 0, 1, 1, 1])) == pytest.approx((2 - 1.2) / (4.5 - 1.2))
+    assert adjusted_rand_index(a, np.array([0, 1, 0, 1, 0, 1])) < 0.0
+
+
+def test_fg_ari_and_matching_on_masks():
+    seg = np.zeros((4, 4), int)
+    seg[:2, :2], seg[2:, 2:] = 3, 4  # two objects, rest background
+    masks = np.zeros((3, 4, 4))
+    masks[0] = 1.0
+    masks[1][seg == 3] = 2.0
+    masks[2][seg == 4] = 2.0
+    assert fg_ari(masks, seg) == pytest.approx(1.0)
+    assert match_objects(masks, seg, n_objects=2, min_pixels=1) == {0: 1, 1: 2}
+    merged = masks.copy()
+    merged[2] = 0.0  # both objects in slot 1
+    merged[1][seg == 4] = 2.0
+    assert fg_ari(merged, seg) == pytest.approx(0.0)
+    assert fg_ari(masks, np.zeros((4, 4), int)) is None
+    assert identity_consistency([{0: 1, 1: 2}, {0: 1, 1: 0}, {0: 1}]) == (4, 5)
