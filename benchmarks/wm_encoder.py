@@ -34,13 +34,19 @@ def main() -> None:
     parser.add_argument("--eval-root", default="data/wm_eval")
     parser.add_argument("--sparse-quality", action="store_true",
                         help="also measure fg_ari / identity with block-sparse attention")
+    parser.add_argument("--latency-sizes", type=int, nargs="*", default=[128],
+                        help="also time the same architecture on larger images (untrained weights: "
+                             "latency does not depend on them), where block-sparse attention has more to skip")
+    parser.add_argument("--figure", default=None, help="write a PNG of slot masks on a held-out clip per checkpoint "
+                        "(DIR/<rope>.png)")
     args = parser.parse_args()
 
     import torch
 
     from worldmodel.data import Clips
-    from worldmodel.evaluate import (collect_eval_data, default_eval_sources, encode_clips, slot_metrics,
-                                     stream_latency)
+    from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
+    from worldmodel.evaluate import (collect_eval_data, default_eval_sources, encode_clips, slot_figure,
+                                     slot_metrics, stream_latency)
     from worldmodel.train import load_encoder, train
 
     checkpoints = args.checkpoint
@@ -83,6 +89,39 @@ def main() -> None:
             emit(BENCH, "encoder_ms_per_frame", lat[f"{mode}_ms"], "ms", attention=mode, batch=1,
                  threads=lat["threads"], frames_timed=lat["frames_timed"], topk=cfg.topk, block=cfg.block, **common)
         emit(BENCH, "sparse_over_dense_time", lat["sparse_over_dense"], "ratio", batch=1, **common)
+        if args.figure:
+            print(f"# figure: {slot_figure(model, clips, Path(args.figure) / f'{cfg.rope}.png')}", flush=True)
+        for size in [] if args.quick else args.latency_sizes:
+            big = ObjectCentricEncoder(EncoderConfig(**(config_dict(cfg) | {"image_size": [size, size]})),
+                                       {"rgbd_mean": model.in_mean.flatten().tolist(),
+                                        "rgbd_std": model.in_std.flatten().tolist()}).eval()
+            big_clips = _resized(clips, size)
+            lat = stream_latency(big, big_clips, frames=20, repeats=3)
+            extra = common | {"image_size": [size, size], "weights": "untrained"}
+            for mode in ("dense", "sparse"):
+                emit(BENCH, "encoder_ms_per_frame", lat[f"{mode}_ms"], "ms", attention=mode, batch=1,
+                     threads=lat["threads"], frames_timed=lat["frames_timed"], topk=cfg.topk, block=cfg.block,
+                     tokens_per_frame=(size // cfg.patch) ** 2, **extra)
+            emit(BENCH, "sparse_over_dense_time", lat["sparse_over_dense"], "ratio", batch=1, **extra)
+
+
+def _resized(clips, size: int):
+    """The held-out frames at size x size (nearest neighbour; intrinsics scaled), for latency only."""
+    import numpy as np
+
+    from sim.dataset import resize_nearest
+    from worldmodel.data import Clips
+
+    n = int(min(clips.ends[0], 40))
+    h, w = clips.image_size
+    arrays = {"rgb": resize_nearest(clips.arrays["rgb"][:n], size, size),
+              "depth": resize_nearest(clips.arrays["depth"][:n, ..., None].astype(np.float32), size, size)[..., 0],
+              "cam_pose": clips.arrays["cam_pose"][:n]}
+    k = clips.arrays["intrinsics"][:n].copy()
+    k[:, 0] *= size / w
+    k[:, 1] *= size / h
+    arrays["intrinsics"] = k
+    return Clips(arrays, np.array([0]), np.array([n]), (size, size))
 
 
 if __name__ == "__main__":

@@ -140,3 +140,53 @@ def stream_latency(model: ObjectCentricEncoder, clips: Clips, frames: int = 30, 
     dense, sparse = float(np.median(times["dense"])), float(np.median(times["sparse"]))
     return {"dense_ms": dense, "sparse_ms": sparse, "sparse_over_dense": sparse / dense,
             "frames_timed": len(times["dense"]), "threads": torch.get_num_threads()}
+
+
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+                    [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40]],
+                   np.uint8)
+
+
+@torch.no_grad()
+def slot_figure(model: ObjectCentricEncoder, clips: Clips, path: str | Path, start: int | None = None,
+                frames: int = 6, stride: int = 3) -> Path:
+    """A PNG of one held-out clip: RGB | depth | true objects | slot masks | reconstruction, one row
+    per frame. Slot colours are per slot, so a slot that keeps its object keeps its colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sim.dataset import colorize_depth
+
+    length = (frames - 1) * stride + 1
+    if start is None:  # a clip that shows several objects
+        seg = clips.arrays["segmentation"]
+        counts = [len(np.unique(seg[s][seg[s] >= 3])) for s in clips.clip_starts(length)]
+        start = int(clips.clip_starts(length)[int(np.argmax(counts))])
+    b = clips.batch(np.array([start]), length)
+    torch.manual_seed(0)
+    out = model(b["rgb"], b["depth"], b["intrinsics"], b["cam_pose"])
+    recon = (out.recon[0, :, :3] * model.in_std[:3] + model.in_mean[:3]).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    fig, axes = plt.subplots(frames, 5, figsize=(7.5, 1.6 * frames))
+    titles = ["RGB", "depth", "objects (sim)", "slot masks", "reconstruction"]
+    for r, t in enumerate(range(0, length, stride)):
+        seg = b["segmentation"][0, t].numpy()
+        true = np.where(seg[..., None] >= 3, PALETTE[(seg.astype(int) - 3) % len(PALETTE)], 40).astype(np.uint8)
+        slots = PALETTE[out.masks[0, t].argmax(0).numpy() % len(PALETTE)]
+        images = [b["rgb"][0, t].numpy(), colorize_depth(b["depth"][0, t].numpy()), true, slots, recon[t]]
+        for c, img in enumerate(images):
+            ax = axes[r, c]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+        axes[r, 0].set_ylabel(f"t={t}", fontsize=8)
+    fig.suptitle(f"held-out clip, rope={model.cfg.rope}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

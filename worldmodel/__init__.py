@@ -1,0 +1,1 @@
+"""World model: geometry-aware video encoder, slot attention, predictor and planner."""
