@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--latency-sizes", type=int, nargs="*", default=[128],
                         help="also time the same architecture on larger images (untrained weights: "
                              "latency does not depend on them), where block-sparse attention has more to skip")
+    parser.add_argument("--attention-tokens", type=int, nargs="*", default=[128, 512, 2048],
+                        help="time the attention op alone, dense vs block-sparse, at these token counts")
     parser.add_argument("--figure", default=None, help="write a PNG of slot masks on a held-out clip per checkpoint "
                         "(DIR/<rope>.png)")
     args = parser.parse_args()
@@ -49,6 +51,7 @@ def main() -> None:
                                      slot_metrics, stream_latency)
     from worldmodel.train import load_encoder, train
 
+    attention_timing(args.attention_tokens if not args.quick else [128, 512], repeats=5 if args.quick else 30)
     checkpoints = args.checkpoint
     if not checkpoints:
         if args.quick:
@@ -103,6 +106,39 @@ def main() -> None:
                      threads=lat["threads"], frames_timed=lat["frames_timed"], topk=cfg.topk, block=cfg.block,
                      tokens_per_frame=(size // cfg.patch) ** 2, **extra)
             emit(BENCH, "sparse_over_dense_time", lat["sparse_over_dense"], "ratio", batch=1, **extra)
+
+
+def attention_timing(tokens: list[int], repeats: int) -> None:
+    """The attention op alone, dense vs block-sparse, interleaved: B=8 frames, 4 heads of 32, blocks
+    of 16 (N <= 128), 32 (N <= 512) or 64, top-4 key blocks. Medians in ms and their ratio."""
+    import statistics
+    import time
+
+    import torch
+
+    from worldmodel.attention import block_sparse_attention, dense_attention
+
+    torch.manual_seed(0)
+    for n in tokens:
+        block = 16 if n <= 128 else 32 if n <= 512 else 64
+        q, k, v = (torch.randn(8, 4, n, 32) for _ in range(3))
+        fns = {"dense": lambda: dense_attention(q, k, v),
+               "sparse": lambda: block_sparse_attention(q, k, v, block_q=block, block_k=block, topk=4)}
+        times: dict[str, list[float]] = {"dense": [], "sparse": []}
+        with torch.inference_mode():
+            for fn in fns.values():
+                fn()
+            for _ in range(repeats):
+                for name, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t0) * 1000)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        cond = {"tokens": n, "block": block, "topk": 4, "key_blocks": -(-n // block), "batch": 8, "heads": 4,
+                "head_dim": 32, "threads": torch.get_num_threads(), "repeats": repeats}
+        for name in ("dense", "sparse"):
+            emit(BENCH, "attention_ms", med[name], "ms", attention=name, **cond)
+        emit(BENCH, "attention_sparse_over_dense_time", med["sparse"] / med["dense"], "ratio", **cond)
 
 
 def _resized(clips, size: int):

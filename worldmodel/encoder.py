@@ -52,6 +52,7 @@ class EncoderConfig:
     pos_freqs: int = 6  # Fourier frequencies per axis of 3D positions fed to slot attention / decoder
     pos_scale_m: float = 2.5  # positions are divided by this before the Fourier features
     decoder_hidden: int = 192
+    pixel_embed: int = 32  # width of per-pixel features that sharpen the alpha masks (0 = off)
     fallback_depth_m: float = 4.0  # 3D point of a patch with no valid depth: on its centre ray at this depth
 
     def __post_init__(self) -> None:
@@ -176,12 +177,18 @@ class SlotTransition(nn.Module):
 class SlotDecoder(nn.Module):
     """Spatial-broadcast decoder at patch resolution: every slot is decoded at every patch from
     (slot, patch position in the image, patch 3D point relative to the slot's centroid) into the
-    patch's pixels: RGB-D and an alpha logit per pixel. Alphas compete over slots per pixel."""
+    patch's pixels: RGB-D and an alpha logit per pixel. Alphas compete over slots per pixel.
+
+    A patch-level decoder alone cannot place a mask edge inside a patch, so (with `pixel_embed`)
+    each slot also emits a mask query per patch that is matched against per-pixel features of the
+    input (two 3x3 convolutions over RGB-D): the slot says what it is, the pixel features say
+    where edges are. Appearance still comes from the slot alone, so reconstruction stays a test of
+    what the slot knows."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         gh, gw = cfg.grid
-        self.patch = cfg.patch
+        self.patch, self.grid, self.embed = cfg.patch, (gh, gw), cfg.pixel_embed
         self.pos_freqs, self.pos_scale = cfg.pos_freqs, cfg.pos_scale_m
         self.grid_embed = nn.Parameter(torch.randn(gh * gw, cfg.decoder_hidden) * 0.02)
         self.slot_in = nn.Linear(cfg.slot_dim, cfg.decoder_hidden)
@@ -189,20 +196,29 @@ class SlotDecoder(nn.Module):
         self.net = nn.Sequential(
             nn.GELU(), nn.Linear(cfg.decoder_hidden, cfg.decoder_hidden), nn.GELU(),
             nn.Linear(cfg.decoder_hidden, cfg.decoder_hidden), nn.GELU(),
-            nn.Linear(cfg.decoder_hidden, cfg.patch * cfg.patch * 5),
+            nn.Linear(cfg.decoder_hidden, cfg.patch * cfg.patch * 5 + cfg.pixel_embed),
         )
-        self.grid = (gh, gw)
+        if cfg.pixel_embed:
+            e = cfg.pixel_embed
+            self.pixel_net = nn.Sequential(nn.Conv2d(4, e, 3, padding=1), nn.GELU(), nn.Conv2d(e, e, 3, padding=1))
 
-    def forward(self, slots: Tensor, rel: Tensor) -> tuple[Tensor, Tensor]:
-        """slots (B, K, S), rel (B, K, N, 3) token point - slot centroid (anchor frame, metres)
-        -> rgbd (B, K, 4, H, W), alpha logits (B, K, H, W)."""
+    def forward(self, slots: Tensor, rel: Tensor, image: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """slots (B, K, S), rel (B, K, N, 3) token point - slot centroid (anchor frame, metres),
+        image (B, 4, H, W) normalised input -> rgbd (B, K, 4, H, W), alpha logits (B, K, H, W)."""
         b, k, _ = slots.shape
         h = (self.slot_in(slots).unsqueeze(2) + self.grid_embed
              + self.rel_in(fourier_features(rel, self.pos_freqs, self.pos_scale)))
-        out = self.net(h)  # (B, K, N, p*p*5)
+        out = self.net(h)  # (B, K, N, p*p*5 + E)
         gh, gw, p = *self.grid, self.patch
-        out = out.view(b, k, gh, gw, p, p, 5).permute(0, 1, 6, 2, 4, 3, 5).reshape(b, k, 5, gh * p, gw * p)
-        return out[:, :, :4], out[:, :, 4]
+        pix = out[..., : p * p * 5].reshape(b, k, gh, gw, p, p, 5).permute(0, 1, 6, 2, 4, 3, 5)
+        pix = pix.reshape(b, k, 5, gh * p, gw * p)
+        logits = pix[:, :, 4]
+        if self.embed:
+            query = out[..., p * p * 5:].view(b, k, gh, gw, self.embed)
+            query = query.repeat_interleave(p, 2).repeat_interleave(p, 3)  # (B, K, H, W, E): its patch's query
+            feats = self.pixel_net(image)  # (B, E, H, W)
+            logits = logits + torch.einsum("bkhwe,behw->bkhw", query, feats) * self.embed ** -0.5
+        return pix[:, :, :4], logits
 
 
 @dataclass
@@ -325,7 +341,7 @@ class ObjectCentricEncoder(nn.Module):
         weights = attn / (attn.sum(-1, keepdim=True) + 1e-6)
         centre = torch.einsum("btkn,btnc->btkc", weights, local)  # attention-weighted centroid, anchor frame
         rel = local.unsqueeze(2) - centre.unsqueeze(3)  # (B, T, K, N, 3)
-        rgbd, logits = self.decoder(slots.reshape(b * t, k, s), rel.reshape(b * t, k, -1, 3))
+        rgbd, logits = self.decoder(slots.reshape(b * t, k, s), rel.reshape(b * t, k, -1, 3), x_in.flatten(0, 1))
         h, w = self.cfg.image_size
         masks = torch.softmax(logits, dim=1).view(b, t, k, h, w)
         rgbd = rgbd.view(b, t, k, 4, h, w)
