@@ -47,11 +47,20 @@ def main() -> None:
 
     from worldmodel.data import Clips
     from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
-    from worldmodel.evaluate import (collect_eval_data, default_eval_sources, encode_clips, slot_figure,
-                                     slot_metrics, stream_latency)
+    from worldmodel.evaluate import (
+        collect_eval_data,
+        default_eval_sources,
+        encode_clips,
+        slot_figure,
+        slot_metrics,
+        stream_latency,
+    )
+    from worldmodel.runtime import keep_freed_memory
     from worldmodel.train import load_encoder, train
 
-    attention_timing(args.attention_tokens if not args.quick else [128, 512], repeats=5 if args.quick else 30)
+    tuned = keep_freed_memory()  # as an inference process would; applies to dense and sparse alike
+    attention_timing(args.attention_tokens if not args.quick else [128, 512], repeats=5 if args.quick else 30,
+                     malloc_keep_freed=tuned)
     checkpoints = args.checkpoint
     if not checkpoints:
         if args.quick:
@@ -69,7 +78,7 @@ def main() -> None:
     clip_len = 10 if args.quick else args.clip_len
     paths = collect_eval_data(args.eval_root, default_eval_sources(args.quick))
     clips = Clips.load(paths, need=("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses"))
-    env = machine() | {"torch": torch.__version__, "quick": args.quick, "eval_episodes": len(clips.starts),
+    env = machine() | {"torch": torch.__version__, "quick": args.quick, "malloc_keep_freed": tuned, "eval_episodes": len(clips.starts),
                        "clip_len": clip_len}
     for ckpt in checkpoints:
         model = load_encoder(ckpt)
@@ -108,11 +117,12 @@ def main() -> None:
             emit(BENCH, "sparse_over_dense_time", lat["sparse_over_dense"], "ratio", batch=1, **extra)
 
 
-def attention_timing(tokens: list[int], repeats: int) -> None:
+def attention_timing(tokens: list[int], repeats: int, **extra) -> None:
     """The attention op alone, dense vs block-sparse, interleaved: B=8 frames, 4 heads of 32, blocks
     of 16 (N <= 128), 32 (N <= 512) or 64, top-4 key blocks. Medians in ms and their ratio."""
     import statistics
     import time
+    from functools import partial
 
     import torch
 
@@ -122,8 +132,8 @@ def attention_timing(tokens: list[int], repeats: int) -> None:
     for n in tokens:
         block = 16 if n <= 128 else 32 if n <= 512 else 64
         q, k, v = (torch.randn(8, 4, n, 32) for _ in range(3))
-        fns = {"dense": lambda: dense_attention(q, k, v),
-               "sparse": lambda: block_sparse_attention(q, k, v, block_q=block, block_k=block, topk=4)}
+        fns = {"dense": partial(dense_attention, q, k, v),
+               "sparse": partial(block_sparse_attention, q, k, v, block_q=block, block_k=block, topk=4)}
         times: dict[str, list[float]] = {"dense": [], "sparse": []}
         with torch.inference_mode():
             for fn in fns.values():
@@ -135,7 +145,7 @@ def attention_timing(tokens: list[int], repeats: int) -> None:
                     times[name].append((time.perf_counter() - t0) * 1000)
         med = {name: statistics.median(t) for name, t in times.items()}
         cond = {"tokens": n, "block": block, "topk": 4, "key_blocks": -(-n // block), "batch": 8, "heads": 4,
-                "head_dim": 32, "threads": torch.get_num_threads(), "repeats": repeats}
+                "head_dim": 32, "threads": torch.get_num_threads(), "repeats": repeats} | extra
         for name in ("dense", "sparse"):
             emit(BENCH, "attention_ms", med[name], "ms", attention=name, **cond)
         emit(BENCH, "attention_sparse_over_dense_time", med["sparse"] / med["dense"], "ratio", **cond)

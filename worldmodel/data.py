@@ -6,9 +6,9 @@ be mixed: object arrays are padded to the largest object count with NaN poses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

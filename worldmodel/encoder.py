@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.attention import BlockSparseAttention
@@ -286,7 +285,7 @@ class ObjectCentricEncoder(nn.Module):
                 return_slot_recon: bool = False) -> EncoderOutput:
         """rgb (B, T, H, W, 3), depth (B, T, H, W) m, intrinsics (B, T, 3, 3), cam_pose (B, T, 4, 4)."""
         x_in = self.normalise(rgb, depth)
-        b, t = x_in.shape[:2]
+        t = x_in.shape[1]
         geom = patch_geometry(depth.float(), intrinsics.float(), cam_pose.float(), self.cfg.patch,
                               fallback_depth=self.cfg.fallback_depth_m)
         feats = self.vit(self.patchify(x_in), geom)  # (B, T, N, D)
@@ -401,7 +400,7 @@ def mask_geometry(masks: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Te
     """Per slot: world-frame centroid of the valid-depth pixels under its mask, and the planar unit
     direction from the camera to it. masks (B, T, K, H, W), depth (B, T, H, W) -> (B, T, K, 5).
     A slot with no valid pixel under it gets the camera position and a zero direction."""
-    b, t, k, h, w = masks.shape
+    h, w = masks.shape[-2:]
     d = torch.nan_to_num(depth.float(), nan=0.0, posinf=0.0, neginf=0.0)
     valid = (d > 0).float()
     v, u = torch.meshgrid(torch.arange(h, device=d.device, dtype=d.dtype) + 0.5,

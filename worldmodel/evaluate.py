@@ -16,8 +16,7 @@ import torch
 
 from worldmodel.data import Clips
 from worldmodel.encoder import ObjectCentricEncoder
-from worldmodel.metrics import (apply_linear_probe, fg_ari, fit_linear_probe, identity_consistency,
-                                match_objects)
+from worldmodel.metrics import apply_linear_probe, fg_ari, fit_linear_probe, identity_consistency, match_objects
 
 EVAL_SEED = 100_000  # training data uses seeds from 0
 

@@ -25,7 +25,7 @@ def adjusted_rand_index(true: np.ndarray, pred: np.ndarray) -> float:
     _, p = np.unique(pred, return_inverse=True)
     table = np.zeros((t.max() + 1, p.max() + 1), np.int64)
     np.add.at(table, (t, p), 1)
-    comb = lambda x: x * (x - 1) / 2.0  # noqa: E731
+    comb = lambda x: x * (x - 1) / 2.0
     index = comb(table).sum()
     rows, cols = comb(table.sum(1)).sum(), comb(table.sum(0)).sum()
     expected = rows * cols / comb(n)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from sim.collect import check_choice, to_config
-from worldmodel.checkpoint import load_state_strict, read_checkpoint, save_checkpoint, write_json
+from worldmodel.checkpoint import load_state_strict, read_checkpoint, save_checkpoint
 from worldmodel.data import FRAME_KEYS, Clips
 from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
 from worldmodel.objectives import encoder_loss

@@ -10,7 +10,7 @@ from worldmodel.data import Clips
 from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder
 from worldmodel.objectives import encoder_loss, mask_supervision_loss
 
-TINY = dict(dim=32, layers=2, heads=2, slot_dim=32, decoder_hidden=32, num_slots=5)
+TINY = {"dim": 32, "layers": 2, "heads": 2, "slot_dim": 32, "decoder_hidden": 32, "num_slots": 5}
 
 
 @pytest.fixture(scope="module")
