@@ -11,15 +11,6 @@ from worldmodel.attention import BlockSparseAttention, block_sparse_attention, d
 from worldmodel.rope import GeometryRoPE, patch_geometry
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: with a shared 2-core machine, thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def qkv(b: int, h: int, nq: int, nk: int, d: int = 8, seed: int = 0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(b, h, nq, d, generator=gen, dtype=dtype), torch.randn(b, h, nk, d, generator=gen, dtype=dtype),

@@ -12,15 +12,6 @@ from sim.geometry import unproject_depth
 from worldmodel.rope import GeometryRoPE, TokenGeometry, patch_geometry, rigid_inverse
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: with a shared 2-core machine, thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rotation(axis: str, angle: float) -> torch.Tensor:
     c, s = math.cos(angle), math.sin(angle)
     mats = {"x": [[1, 0, 0], [0, c, -s], [0, s, c]], "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
