@@ -90,7 +90,8 @@ def main() -> None:
             for blk in model.blocks:
                 blk.attn.sparse = mode == "sparse"
             m = slot_metrics(encode_clips(model, clips, clip_len))
-            emit(BENCH, "fg_ari", m["fg_ari"], "ari", attention=mode, frames=m["fg_ari_frames"], target=0.85, **common)
+            emit(BENCH, "fg_ari", m["fg_ari"], "ari", attention=mode, frames=m["fg_ari_frames"], target=0.85,
+                 multi_object_frames_ari=m["fg_ari_multi_object"], object_purity=m["object_purity"], **common)
             emit(BENCH, "probe_median_err_m", m.get("probe_median_err_m"), "m", attention=mode,
                  mean_err_m=m.get("probe_mean_err_m"), test_samples=m.get("probe_test_samples"), target=0.03,
                  **common)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.attention import BlockSparseAttention
@@ -397,23 +398,26 @@ class ObjectCentricEncoder(nn.Module):
 
 
 def mask_geometry(masks: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> Tensor:
-    """Per slot: world-frame centroid of the valid-depth pixels under its mask, and the planar unit
-    direction from the camera to it. masks (B, T, K, H, W), depth (B, T, H, W) -> (B, T, K, 5).
-    A slot with no valid pixel under it gets the camera position and a zero direction."""
+    """Per slot: world-frame centroid of the valid-depth pixels it wins (argmax over slots), and the
+    planar unit direction from the camera to it. masks (B, T, K, H, W), depth (B, T, H, W) -> (B, T, K, 5).
+    Hard assignment, because soft alphas leak a little weight over the whole image and a little
+    weight on thousands of floor pixels drags an object's centroid far off (this part is not
+    trained through). A slot that wins no valid pixel gets the camera position and a zero direction."""
     h, w = masks.shape[-2:]
     d = torch.nan_to_num(depth.float(), nan=0.0, posinf=0.0, neginf=0.0)
     valid = (d > 0).float()
-    v, u = torch.meshgrid(torch.arange(h, device=d.device, dtype=d.dtype) + 0.5,
-                          torch.arange(w, device=d.device, dtype=d.dtype) + 0.5, indexing="ij")
+    v, u = torch.meshgrid(torch.arange(h, device=d.device, dtype=d.dtype),  # pixel centres at integers,
+                          torch.arange(w, device=d.device, dtype=d.dtype), indexing="ij")  # as sim.geometry
     fx, fy = intrinsics[..., 0, 0, None, None], intrinsics[..., 1, 1, None, None]
     cx, cy = intrinsics[..., 0, 2, None, None], intrinsics[..., 1, 2, None, None]
     pts_cam = torch.stack([(u - cx) / fx * d, (v - cy) / fy * d, d], -1)  # (B, T, H, W, 3)
     pts = pts_cam @ cam_pose[..., None, :3, :3].transpose(-1, -2) + cam_pose[..., None, None, :3, 3]
-    wmask = masks * valid.unsqueeze(2)  # (B, T, K, H, W)
+    won = F.one_hot(masks.argmax(2), masks.shape[2]).permute(0, 1, 4, 2, 3).to(d.dtype)
+    wmask = won * valid.unsqueeze(2)  # (B, T, K, H, W)
     mass = wmask.sum((-1, -2))
     centre = torch.einsum("btkhw,bthwc->btkc", wmask, pts) / mass.clamp(min=1e-6).unsqueeze(-1)
     cam = cam_pose[..., :3, 3].unsqueeze(2).expand_as(centre)
-    centre = torch.where(mass.unsqueeze(-1) > 1e-3, centre, cam)
+    centre = torch.where(mass.unsqueeze(-1) > 0.5, centre, cam)
     planar = centre[..., :2] - cam[..., :2]
     direction = planar / planar.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     return torch.cat([centre, direction], -1)

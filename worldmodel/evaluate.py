@@ -79,15 +79,21 @@ def encode_clips(model: ObjectCentricEncoder, clips: Clips, clip_len: int, batch
 
 def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[str, Any]:
     """fg_ari, slot_identity_consistency and probe_median_err_m from encoded clips."""
-    aris, same, total = [], 0, 0
+    aris, multi, purity, same, total = [], [], [], 0, 0
     feats, targets, groups = [], [], []
     for clip in encoded:
         n_obj = clip["object_poses"].shape[1]
         matches = []
         for t in range(len(clip["masks"])):
-            a = fg_ari(clip["masks"][t], clip["segmentation"][t])
+            seg = clip["segmentation"][t]
+            a = fg_ari(clip["masks"][t], seg)
             if a is not None:
                 aris.append(a)
+                objs = np.unique(seg[seg >= 3])
+                if len(objs) > 1:
+                    multi.append(a)
+                won = clip["masks"][t].argmax(0)
+                purity += [np.bincount(won[seg == o]).max() / (seg == o).sum() for o in objs]
             m = match_objects(clip["masks"][t], clip["segmentation"][t], n_obj, min_pixels)
             matches.append(m)
             for o, s in m.items():
@@ -101,6 +107,9 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[st
     result: dict[str, Any] = {
         "fg_ari": float(np.mean(aris)) if aris else None,
         "fg_ari_frames": len(aris),
+        # ARI is 0 for a one-object frame whenever any pixel of it is split off; these two say more
+        "fg_ari_multi_object": float(np.mean(multi)) if multi else None,
+        "object_purity": float(np.mean(purity)) if purity else None,
         "slot_identity_consistency": same / total if total else None,
         "identity_object_steps": total,
     }
