@@ -80,7 +80,7 @@ def main() -> None:
     clips = Clips.load(paths, need=("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses"))
     env = machine() | {"torch": torch.__version__, "quick": args.quick, "malloc_keep_freed": tuned, "eval_episodes": len(clips.starts),
                        "clip_len": clip_len}
-    for ckpt in checkpoints:
+    for i, ckpt in enumerate(checkpoints):
         model = load_encoder(ckpt)
         cfg = model.cfg
         common = {"rope": cfg.rope, "checkpoint": str(Path(ckpt)), "slots": cfg.num_slots,
@@ -104,7 +104,7 @@ def main() -> None:
         emit(BENCH, "sparse_over_dense_time", lat["sparse_over_dense"], "ratio", batch=1, **common)
         if args.figure:
             print(f"# figure: {slot_figure(model, clips, Path(args.figure) / f'{cfg.rope}.png')}", flush=True)
-        for size in [] if args.quick else args.latency_sizes:
+        for size in [] if args.quick or i > 0 else args.latency_sizes:  # architecture-only: once
             big = ObjectCentricEncoder(EncoderConfig(**(config_dict(cfg) | {"image_size": [size, size]})),
                                        {"rgbd_mean": model.in_mean.flatten().tolist(),
                                         "rgbd_std": model.in_std.flatten().tolist()}).eval()
