@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from sim.collect import check_choice, to_config
-from worldmodel.checkpoint import load_state_strict, read_checkpoint, save_checkpoint
+from worldmodel.checkpoint import load_state_strict, read_checkpoint, read_json, save_checkpoint
 from worldmodel.data import FRAME_KEYS, Clips
 from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
 from worldmodel.objectives import encoder_loss
@@ -247,7 +247,9 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
             over = tc.time_budget_min > 0 and train_s >= tc.time_budget_min * 60
             stop = _broadcast_flag(step >= tc.steps or over, world, dev)
             if main and (step % tc.ckpt_every == 0 or stop):
-                _save(out, model, opt, resolved, stats, step, train_s, history, parts, world, stop)
+                metrics = _metrics(step, train_s, history, parts, world, tc) | {"finished": stop}
+                save_checkpoint(out, model, resolved, stats, metrics,
+                                train_state={"optimizer": opt.state_dict(), "step": step, "train_seconds": train_s})
     finally:
         bar.close()
         if writer:
@@ -271,21 +273,12 @@ def _metrics(step: int, train_s: float, history: list, parts: dict, world: int, 
             "clips_seen": step * tc.batch_size * world, "last": parts, "history": history}
 
 
-def _save(out: Path, model, opt, resolved, stats, step, train_s, history, parts, world, finished) -> None:
-    tc = TrainConfig(**{k: v for k, v in resolved["train"].items()})
-    metrics = _metrics(step, train_s, history, parts, world, tc) | {"finished": finished}
-    save_checkpoint(out, model, resolved, stats, metrics,
-                    train_state={"optimizer": opt.state_dict(), "step": step, "train_seconds": train_s})
-
-
 def _resume_state(out: Path, cfg: WorldModelTrainConfig) -> dict[str, Any] | None:
     if not (out / "train_state.pt").exists():
         return None
     config, weights, stats = read_checkpoint(out)
     if config.get("stage") != cfg.stage or config.get("model") != config_dict(cfg.model):
         raise ValueError(f"{out} holds a different run (stage/model config differ); pass out=<new dir> or resume=false")
-    from worldmodel.checkpoint import read_json
-
     return {"weights": weights, "stats": stats, "metrics": read_json(out / "metrics.json"),
             "train_state": torch.load(out / "train_state.pt", weights_only=False)}
 
