@@ -87,8 +87,7 @@ def main() -> None:
                   "image_size": list(cfg.image_size)} | env
         modes = ("dense", "sparse") if args.sparse_quality else ("dense",)
         for mode in modes:
-            for blk in model.blocks:
-                blk.attn.sparse = mode == "sparse"
+            model.set_sparse(mode == "sparse")
             m = slot_metrics(encode_clips(model, clips, clip_len))
             emit(BENCH, "fg_ari", m["fg_ari"], "ari", attention=mode, frames=m["fg_ari_frames"], target=0.85,
                  multi_object_frames_ari=m["fg_ari_multi_object"], object_purity=m["object_purity"], **common)

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 import sim
 from sim.controllers import Controller, recorded_action
-from sim.env import ACTION_HIGH, ACTION_LOW, CONTROL_HZ, PROPRIO_FIELDS, EgoPushEnv, Randomization
+from sim.env import ACTION_HIGH, ACTION_LOW, CONTROL_HZ, FIRST_OBJECT_SEG_ID, PROPRIO_FIELDS, EgoPushEnv, Randomization
 from sim.dataset import DatasetError
 from sim.experts import ExpertConfig, PushExpert, RandomExplorer
 
@@ -417,7 +417,7 @@ def dataset_meta(cfg: CollectConfig, env_args: dict[str, Any]) -> dict[str, Any]
             "cam_pose": "world-from-optical-camera (x right, y down, z forward)",
         },
         "proprio_fields": list(PROPRIO_FIELDS),
-        "segmentation_ids": "object i of object_poses has id i + 3; 0 floor/sky, 1 walls, 2 robot",
+        "segmentation_ids": f"object i of object_poses has id i + {FIRST_OBJECT_SEG_ID}; 0 floor/sky, 1 walls, 2 robot",
         "action_fields": ["v (m/s)", "omega (rad/s)"],
         "action_low": ACTION_LOW.tolist(),
         "action_high": ACTION_HIGH.tolist(),

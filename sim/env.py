@@ -40,6 +40,8 @@ WHEEL_SEPARATION = 0.16
 CONTROL_HZ = 10
 ARENA_HALF = 1.2  # inner half-width of the walled arena, metres
 DEPTH_RANGE = (0.1, 4.0)
+# segmentation ids: 0 floor/sky, 1 walls, 2 robot, FIRST_OBJECT_SEG_ID + i for object i of info["object_names"]
+FIRST_OBJECT_SEG_ID = 3
 PUSHER_OFFSET = 0.108  # pusher face ahead of the wheel axle, metres
 
 BOX_NAMES = ("box_anchor", "box_red", "box_green", "box_blue")
@@ -597,7 +599,8 @@ class EgoPushEnv(gym.Env):
             "n_clipped_actions": self._n_clipped,
             "step": self._steps,
             "formation": self.formation or "",
-            "seg_ids": {n: i + 3 for i, n in enumerate(self.objects)} | {"background": 0, "walls": 1, "robot": 2},
+            "seg_ids": {n: i + FIRST_OBJECT_SEG_ID for i, n in enumerate(self.objects)}
+            | {"background": 0, "walls": 1, "robot": 2},
         }
         if self.config.segmentation:
             info["segmentation"] = self.segmentation()
@@ -617,6 +620,6 @@ class EgoPushEnv(gym.Env):
         geom = self._renderer.render_segmentation(self.data)
         cls = self._geom_class_base.copy()
         for i, n in enumerate(self.objects):
-            cls[self._obj[n]["geom"]] = i + 3
+            cls[self._obj[n]["geom"]] = i + FIRST_OBJECT_SEG_ID
         out = np.where(geom >= 0, cls[np.clip(geom, 0, None)], 0)
         return out.astype(np.int32)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodel.attention import BlockSparseAttention
-from worldmodel.rope import GeometryRoPE, TokenGeometry, patch_geometry, rigid_inverse
+from worldmodel.rope import GeometryRoPE, TokenGeometry, patch_geometry, to_anchor_frame
 
 DEPTH_SCALE_M = 4.0  # depth is fed to the network as metres / DEPTH_SCALE_M (the sim's far limit)
 ROPE_MODES = ("2d", "3d-world", "prope")
@@ -84,7 +84,6 @@ class EncoderOutput:
     geometry: Tensor  # (B, T, K, 5) world centroid (x, y, z) m + planar view direction (dx, dy)
     masks: Tensor  # (B, T, K, H, W) per-pixel alpha, sums to 1 over K
     recon: Tensor  # (B, T, 4, H, W) reconstructed normalised RGB-D
-    slot_recon: Tensor | None = None  # (B, T, K, 4, H, W), only when asked for
     attn: Tensor | None = None  # (B, T, K, N) last slot-attention weights, normalised over slots
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -254,6 +253,11 @@ class ObjectCentricEncoder(nn.Module):
         self.transition = SlotTransition(cfg.slot_dim)
         self.decoder = SlotDecoder(cfg)
 
+    def set_sparse(self, sparse: bool) -> None:
+        """Switch every ViT attention layer between dense and block-sparse (same weights)."""
+        for blk in self.blocks:
+            blk.attn.sparse = sparse
+
     # -- inputs ----------------------------------------------------------------
 
     def normalise(self, rgb: Tensor, depth: Tensor) -> Tensor:
@@ -282,8 +286,7 @@ class ObjectCentricEncoder(nn.Module):
 
     # -- clip forward (training) ------------------------------------------------
 
-    def forward(self, rgb: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor,
-                return_slot_recon: bool = False) -> EncoderOutput:
+    def forward(self, rgb: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> EncoderOutput:
         """rgb (B, T, H, W, 3), depth (B, T, H, W) m, intrinsics (B, T, 3, 3), cam_pose (B, T, 4, 4)."""
         x_in = self.normalise(rgb, depth)
         t = x_in.shape[1]
@@ -298,7 +301,7 @@ class ObjectCentricEncoder(nn.Module):
             outs.append((slots, attn))
         slots = torch.stack([o[0] for o in outs], 1)
         attn = torch.stack([o[1] for o in outs], 1)
-        return self.decode(slots, attn, local, x_in, depth, intrinsics, cam_pose, geom.anchor, return_slot_recon)
+        return self.decode(slots, attn, local, x_in, depth, intrinsics, cam_pose)
 
     def vit(self, tokens: Tensor, geom: TokenGeometry) -> Tensor:
         """tokens (B, T, N, 4p^2) -> features (B, T, N, D). Frame t attends to frames t-C+1 .. t."""
@@ -320,10 +323,8 @@ class ObjectCentricEncoder(nn.Module):
 
     def anchor_points(self, geom: TokenGeometry) -> Tensor:
         """Token 3D points in the clip's anchor frame (B, T, N, 3): gravity-aligned, at the first camera."""
-        inv = rigid_inverse(geom.anchor)
-        pts = geom.points @ inv[:, :3, :3].transpose(1, 2) + inv[:, None, :3, 3]
-        b = pts.shape[0]
-        return pts.view(b, -1, self.cfg.grid[0] * self.cfg.grid[1], 3)
+        local = to_anchor_frame(geom.points, geom.anchor)
+        return local.view(local.shape[0], -1, self.cfg.grid[0] * self.cfg.grid[1], 3)
 
     def bind(self, feats: Tensor, local: Tensor, prev: Tensor | None) -> tuple[Tensor, Tensor]:
         """One frame of slot attention. feats (B, N, D), local (B, N, 3) -> slots (B, K, S), attn (B, K, N)."""
@@ -336,7 +337,7 @@ class ObjectCentricEncoder(nn.Module):
         return self.slot_attention(inputs, self.transition(prev), self.cfg.slot_iters)
 
     def decode(self, slots: Tensor, attn: Tensor, local: Tensor, x_in: Tensor, depth: Tensor, intrinsics: Tensor,
-               cam_pose: Tensor, anchor: Tensor, return_slot_recon: bool) -> EncoderOutput:
+               cam_pose: Tensor) -> EncoderOutput:
         b, t, k, s = slots.shape
         weights = attn / (attn.sum(-1, keepdim=True) + 1e-6)
         centre = torch.einsum("btkn,btnc->btkc", weights, local)  # attention-weighted centroid, anchor frame
@@ -347,9 +348,8 @@ class ObjectCentricEncoder(nn.Module):
         rgbd = rgbd.view(b, t, k, 4, h, w)
         recon = (masks.unsqueeze(3) * rgbd).sum(2)
         geometry = mask_geometry(masks, depth, intrinsics, cam_pose)
-        return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon,
-                             slot_recon=rgbd if return_slot_recon else None, attn=attn,
-                             extras={"target": x_in, "anchor": anchor})
+        return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon, attn=attn,
+                             extras={"target": x_in})
 
     # -- streaming (robot) -----------------------------------------------------
 
@@ -384,11 +384,10 @@ class ObjectCentricEncoder(nn.Module):
             new_context.append(window[:, n:])
             x = blk(x + self.frame_embed[-1], geom, window + fe, ctx_geom, pad if c > 1 else None)
         feats = self.norm(x)
-        inv = rigid_inverse(anchor)
-        local = geom.points @ inv[:, :3, :3].transpose(1, 2) + inv[:, None, :3, 3]
+        local = to_anchor_frame(geom.points, anchor)
         slots, attn = self.bind(feats, local, None if state is None else state.slots)
         out = self.decode(slots.unsqueeze(1), attn.unsqueeze(1), local.unsqueeze(1), x_in, depth, intrinsics,
-                          cam_pose, anchor, False)
+                          cam_pose)
         keep_geom = _last_frames(ctx_geom, n, c - 1)
         t_next = 1 if state is None else state.t + 1
         return out, StreamState(context=new_context, context_geom=keep_geom, slots=slots, anchor=anchor, t=t_next)

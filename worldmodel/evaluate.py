@@ -16,7 +16,14 @@ import torch
 
 from worldmodel.data import Clips
 from worldmodel.encoder import ObjectCentricEncoder
-from worldmodel.metrics import apply_linear_probe, fg_ari, fit_linear_probe, identity_consistency, match_objects
+from worldmodel.metrics import (
+    FIRST_OBJECT_ID,
+    apply_linear_probe,
+    fg_ari,
+    fit_linear_probe,
+    identity_consistency,
+    match_objects,
+)
 
 EVAL_SEED = 100_000  # training data uses seeds from 0
 
@@ -89,7 +96,7 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[st
             a = fg_ari(clip["masks"][t], seg)
             if a is not None:
                 aris.append(a)
-                objs = np.unique(seg[seg >= 3])
+                objs = np.unique(seg[seg >= FIRST_OBJECT_ID])
                 if len(objs) > 1:
                     multi.append(a)
                 won = clip["masks"][t].argmax(0)
@@ -131,11 +138,9 @@ def stream_latency(model: ObjectCentricEncoder, clips: Clips, frames: int = 30, 
     block-sparse interleaved in one process; medians in ms and their ratio."""
     b = clips.batch(np.asarray([int(clips.starts[0])]), min(frames, int(clips.ends[0] - clips.starts[0])))
     times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    attn_layers = [blk.attn for blk in model.blocks]
     for _ in range(repeats):
         for mode in ("dense", "sparse"):
-            for layer in attn_layers:
-                layer.sparse = mode == "sparse"
+            model.set_sparse(mode == "sparse")
             state = None
             for t in range(b["rgb"].shape[1]):
                 t0 = time.perf_counter()
@@ -143,8 +148,7 @@ def stream_latency(model: ObjectCentricEncoder, clips: Clips, frames: int = 30, 
                                       state)
                 if t > 0:  # the first frame of a stream builds its window
                     times[mode].append((time.perf_counter() - t0) * 1000)
-    for layer in attn_layers:
-        layer.sparse = model.cfg.sparse
+    model.set_sparse(model.cfg.sparse)
     dense, sparse = float(np.median(times["dense"])), float(np.median(times["sparse"]))
     return {"dense_ms": dense, "sparse_ms": sparse, "sparse_over_dense": sparse / dense,
             "frames_timed": len(times["dense"]), "threads": torch.get_num_threads()}
@@ -170,7 +174,7 @@ def slot_figure(model: ObjectCentricEncoder, clips: Clips, path: str | Path, sta
     length = (frames - 1) * stride + 1
     if start is None:  # a clip that shows several objects
         seg = clips.arrays["segmentation"]
-        counts = [len(np.unique(seg[s][seg[s] >= 3])) for s in clips.clip_starts(length)]
+        counts = [len(np.unique(seg[s][seg[s] >= FIRST_OBJECT_ID])) for s in clips.clip_starts(length)]
         start = int(clips.clip_starts(length)[int(np.argmax(counts))])
     b = clips.batch(np.array([start]), length)
     torch.manual_seed(0)
@@ -180,7 +184,8 @@ def slot_figure(model: ObjectCentricEncoder, clips: Clips, path: str | Path, sta
     titles = ["RGB", "depth", "objects (sim)", "slot masks", "reconstruction"]
     for r, t in enumerate(range(0, length, stride)):
         seg = b["segmentation"][0, t].numpy()
-        true = np.where(seg[..., None] >= 3, PALETTE[(seg.astype(int) - 3) % len(PALETTE)], 40).astype(np.uint8)
+        obj = seg.astype(int) - FIRST_OBJECT_ID
+        true = np.where(obj[..., None] >= 0, PALETTE[obj % len(PALETTE)], 40).astype(np.uint8)
         slots = PALETTE[out.masks[0, t].argmax(0).numpy() % len(PALETTE)]
         images = [b["rgb"][0, t].numpy(), colorize_depth(b["depth"][0, t].numpy()), true, slots, recon[t]]
         for c, img in enumerate(images):

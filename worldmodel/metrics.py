@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-FIRST_OBJECT_ID = 3
+from sim.env import FIRST_OBJECT_SEG_ID as FIRST_OBJECT_ID
 
 
 def adjusted_rand_index(true: np.ndarray, pred: np.ndarray) -> float:

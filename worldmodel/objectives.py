@@ -19,8 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from worldmodel.encoder import EncoderOutput
-
-FIRST_OBJECT_ID = 3  # segmentation ids: 0 floor/sky, 1 walls, 2 robot, 3 + i object i
+from worldmodel.metrics import FIRST_OBJECT_ID
 
 
 def reconstruction_loss(out: EncoderOutput, depth_weight: float = 1.0) -> Tensor:

@@ -52,6 +52,14 @@ def rigid_inverse(m: Tensor) -> Tensor:
     return out
 
 
+def to_anchor_frame(points: Tensor, anchor: Tensor) -> Tensor:
+    """World points (B, ..., 3) -> the same points in the frame anchor (B, 4, 4) = world-from-anchor."""
+    inv = rigid_inverse(anchor)
+    b = points.shape[0]
+    flat = points.reshape(b, -1, 3)
+    return (flat @ inv[:, :3, :3].transpose(1, 2) + inv[:, None, :3, 3]).view(points.shape)
+
+
 def gravity_anchor(cam_pose: Tensor) -> Tensor:
     """World-from-anchor (B, 4, 4) for camera poses (B, 4, 4): at the camera, z up, x along its heading.
 
@@ -340,8 +348,7 @@ class GeometryRoPE(nn.Module):
     def _world_coords(self, geom: TokenGeometry, anchor: Tensor) -> Tensor:
         """(B, N, 4): x, y, z in the anchor frame and time."""
         work = _work_dtype(geom.points.device)
-        inv = rigid_inverse(anchor.to(work))
-        local = geom.points.to(work) @ inv[:, :3, :3].transpose(1, 2) + inv[:, None, :3, 3]
+        local = to_anchor_frame(geom.points.to(work), anchor.to(work))
         return torch.cat([local, geom.time.to(work).unsqueeze(-1)], dim=-1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, geom: TokenGeometry, *,

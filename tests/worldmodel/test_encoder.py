@@ -103,8 +103,7 @@ def test_sparse_with_all_blocks_equals_dense(clips):
     with torch.no_grad():
         torch.manual_seed(0)
         dense = model(b["rgb"], b["depth"], b["intrinsics"], b["cam_pose"]).slots
-        for blk in model.blocks:
-            blk.attn.sparse = True
+        model.set_sparse(True)
         torch.manual_seed(0)
         sparse = model(b["rgb"], b["depth"], b["intrinsics"], b["cam_pose"]).slots
     torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
