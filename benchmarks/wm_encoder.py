@@ -6,9 +6,11 @@ With no checkpoint, it trains the default encoder first (`ego-train-wm stage=enc
 data; within its 40-minute training budget) into runs/wm_encoder, then measures it. Several
 checkpoints (e.g. the three RoPE variants) are measured on the same held-out clips. Metrics, each
 with field `rope`:
-- fg_ari: foreground adjusted Rand index of the slot masks against MuJoCo's segmentation.
+- fg_ari: foreground adjusted Rand index of the slot masks against MuJoCo's segmentation, per frame
+  (field video_fg_ari: SAVi's per-clip convention, which also counts slot switches).
 - probe_median_err_m: linear probe from Hungarian-matched slots to object planar positions
-  (fit on half of the held-out episodes, tested on the other half).
+  (fit on half of the held-out episodes, tested on the other half); field slot_center_median_err_m:
+  the slots' own centre estimate, no probe.
 - slot_identity_consistency: over 20-step clips with a moving camera, the fraction of steps on which
   each object stays matched to its usual slot.
 - encoder_ms_per_frame (field `attention`: dense / sparse) at batch 1 streaming on this CPU, and
@@ -90,10 +92,11 @@ def main() -> None:
             model.set_sparse(mode == "sparse")
             m = slot_metrics(encode_clips(model, clips, clip_len))
             emit(BENCH, "fg_ari", m["fg_ari"], "ari", attention=mode, frames=m["fg_ari_frames"], target=0.85,
-                 multi_object_frames_ari=m["fg_ari_multi_object"], object_purity=m["object_purity"], **common)
+                 multi_object_frames_ari=m["fg_ari_multi_object"], object_purity=m["object_purity"],
+                 video_fg_ari=m["fg_ari_video"], **common)
             emit(BENCH, "probe_median_err_m", m.get("probe_median_err_m"), "m", attention=mode,
                  mean_err_m=m.get("probe_mean_err_m"), test_samples=m.get("probe_test_samples"), target=0.03,
-                 **common)
+                 slot_center_median_err_m=m.get("center_median_err_m"), **common)
             emit(BENCH, "slot_identity_consistency", m["slot_identity_consistency"], "fraction", attention=mode,
                  object_steps=m["identity_object_steps"], target=0.95, **common)
         lat = stream_latency(model, clips, frames=10 if args.quick else 30, repeats=2 if args.quick else 5)

@@ -6,9 +6,9 @@
 
 A spatial-broadcast decoder reconstructs RGB and depth from each slot with a per-pixel
 alpha mask; the masks are the slots' segmentation. Every slot also carries an explicit
-geometric part: the world-frame centroid of the 3D points under its mask, and the planar
-direction from the camera to that centroid (what a probe needs to find the object's
-centre behind its visible surface).
+geometric part: its object's centre in the world frame, estimated from the centroid of the 3D
+points under its mask moved behind the visible surface by a learned offset (`CenterHead`), and
+the planar direction from the camera to it.
 
 Shapes: B batch, T frames, K slots, N patches per frame, D model width, S slot width.
 """
@@ -53,6 +53,8 @@ class EncoderConfig:
     pos_scale_m: float = 2.5  # positions are divided by this before the Fourier features
     decoder_hidden: int = 192
     pixel_embed: int = 32  # width of per-pixel features that sharpen the alpha masks (0 = off)
+    pixel_context: bool = True  # the per-pixel features also see the ViT's token features (which object is here)
+    center_head: bool = True  # each slot estimates its object's centre behind the visible surface
     fallback_depth_m: float = 4.0  # 3D point of a patch with no valid depth: on its centre ray at this depth
 
     def __post_init__(self) -> None:
@@ -73,7 +75,7 @@ class EncoderConfig:
 
     @property
     def geometry_dim(self) -> int:
-        return 5  # centroid xyz (world, metres) + planar unit direction camera -> centroid
+        return 5  # centre xyz (world, metres) + planar unit direction camera -> centre
 
 
 @dataclass
@@ -81,7 +83,7 @@ class EncoderOutput:
     """What the encoder says about a clip. Slot order is the slot identity: slot k at t is slot k at t+1."""
 
     slots: Tensor  # (B, T, K, S) slot vectors
-    geometry: Tensor  # (B, T, K, 5) world centroid (x, y, z) m + planar view direction (dx, dy)
+    geometry: Tensor  # (B, T, K, 5) world centre estimate (x, y, z) m + planar view direction (dx, dy)
     masks: Tensor  # (B, T, K, H, W) per-pixel alpha, sums to 1 over K
     recon: Tensor  # (B, T, 4, H, W) reconstructed normalised RGB-D
     attn: Tensor | None = None  # (B, T, K, N) last slot-attention weights, normalised over slots
@@ -173,6 +175,31 @@ class SlotTransition(nn.Module):
         return slots + self.mlp(self.norm2(slots))
 
 
+class PixelFeatures(nn.Module):
+    """Per-pixel features that say where mask edges are: two 3x3 convolutions over the RGB-D input
+    (local colour and depth steps), fused with the ViT's token features upsampled to pixels (which
+    object a region belongs to, so that a pixel on an edge can be given to the right side)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        e = cfg.pixel_embed
+        self.local = nn.Sequential(nn.Conv2d(4, e, 3, padding=1), nn.GELU(), nn.Conv2d(e, e, 3, padding=1))
+        self.context = nn.Linear(cfg.dim, e) if cfg.pixel_context else None
+        if self.context is not None:
+            self.fuse = nn.Sequential(nn.GELU(), nn.Conv2d(2 * e, e, 1), nn.GELU(), nn.Conv2d(e, e, 1))
+        self.grid = cfg.grid
+
+    def forward(self, image: Tensor, tokens: Tensor | None) -> Tensor:
+        """image (B, 4, H, W) normalised input, tokens (B, N, D) ViT features -> (B, E, H, W)."""
+        local = self.local(image)
+        if self.context is None:
+            return local
+        b, _, h, w = image.shape
+        ctx = self.context(tokens).transpose(1, 2).reshape(b, -1, *self.grid)
+        ctx = F.interpolate(ctx, size=(h, w), mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([local, ctx], 1))
+
+
 class SlotDecoder(nn.Module):
     """Spatial-broadcast decoder at patch resolution: every slot is decoded at every patch from
     (slot, patch position in the image, patch 3D point relative to the slot's centroid) into the
@@ -180,9 +207,9 @@ class SlotDecoder(nn.Module):
 
     A patch-level decoder alone cannot place a mask edge inside a patch, so (with `pixel_embed`)
     each slot also emits a mask query per patch that is matched against per-pixel features of the
-    input (two 3x3 convolutions over RGB-D): the slot says what it is, the pixel features say
-    where edges are. Appearance still comes from the slot alone, so reconstruction stays a test of
-    what the slot knows."""
+    input (`PixelFeatures`): the slot says what it is, the pixel features say where edges are.
+    Appearance still comes from the slot alone, so reconstruction stays a test of what the slot
+    knows."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -198,12 +225,13 @@ class SlotDecoder(nn.Module):
             nn.Linear(cfg.decoder_hidden, cfg.patch * cfg.patch * 5 + cfg.pixel_embed),
         )
         if cfg.pixel_embed:
-            e = cfg.pixel_embed
-            self.pixel_net = nn.Sequential(nn.Conv2d(4, e, 3, padding=1), nn.GELU(), nn.Conv2d(e, e, 3, padding=1))
+            self.pixel_net = PixelFeatures(cfg)
 
-    def forward(self, slots: Tensor, rel: Tensor, image: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, slots: Tensor, rel: Tensor, image: Tensor | None = None,
+                tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """slots (B, K, S), rel (B, K, N, 3) token point - slot centroid (anchor frame, metres),
-        image (B, 4, H, W) normalised input -> rgbd (B, K, 4, H, W), alpha logits (B, K, H, W)."""
+        image (B, 4, H, W) normalised input, tokens (B, N, D) ViT features
+        -> rgbd (B, K, 4, H, W), alpha logits (B, K, H, W)."""
         b, k, _ = slots.shape
         h = (self.slot_in(slots).unsqueeze(2) + self.grid_embed
              + self.rel_in(fourier_features(rel, self.pos_freqs, self.pos_scale)))
@@ -213,11 +241,34 @@ class SlotDecoder(nn.Module):
         pix = pix.reshape(b, k, 5, gh * p, gw * p)
         logits = pix[:, :, 4]
         if self.embed:
-            query = out[..., p * p * 5:].view(b, k, gh, gw, self.embed)
-            query = query.repeat_interleave(p, 2).repeat_interleave(p, 3)  # (B, K, H, W, E): its patch's query
-            feats = self.pixel_net(image)  # (B, E, H, W)
-            logits = logits + torch.einsum("bkhwe,behw->bkhw", query, feats) * self.embed ** -0.5
+            query = out[..., p * p * 5:].view(b, k, gh, gw, self.embed)  # one query per slot and patch
+            feats = self.pixel_net(image, tokens).view(b, self.embed, gh, p, gw, p)  # (B, E, H, W) by patch
+            match = torch.einsum("bkgwe,begiwj->bkgiwj", query, feats).reshape(b, k, gh * p, gw * p)
+            logits = logits + match * self.embed ** -0.5
         return pix[:, :, :4], logits
+
+
+class CenterHead(nn.Module):
+    """A slot's estimate of its object's centre: the visible centroid (what the pixels it wins say)
+    moved by a learned offset in the camera's planar frame: along the view direction (an object's
+    centre lies behind its visible surface), across it (an object cut by the image border), and up.
+    The offset is trained with the simulator's object positions; the frame makes it invariant to
+    where the robot is."""
+
+    def __init__(self, slot_dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.mlp = MLP(slot_dim + 1, hidden, 3)
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, slots: Tensor, geometry: Tensor, pixels: Tensor) -> Tensor:
+        """slots (..., K, S), geometry (..., K, 5) visible centroid + direction, pixels (..., K) pixels
+        won -> (..., K, 5) centre estimate + direction. A slot that wins no pixel is left as it is."""
+        along, across, up = self.mlp(torch.cat([slots, torch.log1p(pixels).unsqueeze(-1) / 8], -1)).unbind(-1)
+        d = geometry[..., 3:5]
+        shift = torch.stack([along * d[..., 0] - across * d[..., 1], along * d[..., 1] + across * d[..., 0], up], -1)
+        centre = geometry[..., :3] + shift * (pixels > 0).unsqueeze(-1).to(shift.dtype)
+        return torch.cat([centre, d], -1)
 
 
 @dataclass
@@ -252,6 +303,7 @@ class ObjectCentricEncoder(nn.Module):
         self.slot_init_logsigma = nn.Parameter(torch.full((1, 1, cfg.slot_dim), -1.0))
         self.transition = SlotTransition(cfg.slot_dim)
         self.decoder = SlotDecoder(cfg)
+        self.center = CenterHead(cfg.slot_dim) if cfg.center_head else None
 
     def set_sparse(self, sparse: bool) -> None:
         """Switch every ViT attention layer between dense and block-sparse (same weights)."""
@@ -301,7 +353,7 @@ class ObjectCentricEncoder(nn.Module):
             outs.append((slots, attn))
         slots = torch.stack([o[0] for o in outs], 1)
         attn = torch.stack([o[1] for o in outs], 1)
-        return self.decode(slots, attn, local, x_in, depth, intrinsics, cam_pose)
+        return self.decode(slots, attn, local, x_in, feats, depth, intrinsics, cam_pose)
 
     def vit(self, tokens: Tensor, geom: TokenGeometry) -> Tensor:
         """tokens (B, T, N, 4p^2) -> features (B, T, N, D). Frame t attends to frames t-C+1 .. t."""
@@ -336,18 +388,22 @@ class ObjectCentricEncoder(nn.Module):
             return self.slot_attention(inputs, init, self.cfg.slot_iters_first)
         return self.slot_attention(inputs, self.transition(prev), self.cfg.slot_iters)
 
-    def decode(self, slots: Tensor, attn: Tensor, local: Tensor, x_in: Tensor, depth: Tensor, intrinsics: Tensor,
-               cam_pose: Tensor) -> EncoderOutput:
+    def decode(self, slots: Tensor, attn: Tensor, local: Tensor, x_in: Tensor, feats: Tensor, depth: Tensor,
+               intrinsics: Tensor, cam_pose: Tensor) -> EncoderOutput:
+        """Masks, reconstruction and geometry of slots (B, T, K, S); feats (B, T, N, D) ViT features."""
         b, t, k, s = slots.shape
         weights = attn / (attn.sum(-1, keepdim=True) + 1e-6)
         centre = torch.einsum("btkn,btnc->btkc", weights, local)  # attention-weighted centroid, anchor frame
         rel = local.unsqueeze(2) - centre.unsqueeze(3)  # (B, T, K, N, 3)
-        rgbd, logits = self.decoder(slots.reshape(b * t, k, s), rel.reshape(b * t, k, -1, 3), x_in.flatten(0, 1))
+        rgbd, logits = self.decoder(slots.reshape(b * t, k, s), rel.reshape(b * t, k, -1, 3), x_in.flatten(0, 1),
+                                    feats.flatten(0, 1))
         h, w = self.cfg.image_size
         masks = torch.softmax(logits, dim=1).view(b, t, k, h, w)
         rgbd = rgbd.view(b, t, k, 4, h, w)
         recon = (masks.unsqueeze(3) * rgbd).sum(2)
-        geometry = mask_geometry(masks, depth, intrinsics, cam_pose)
+        geometry, pixels = mask_geometry(masks, depth, intrinsics, cam_pose)
+        if self.center is not None:
+            geometry = self.center(slots, geometry, pixels)
         return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon, attn=attn,
                              extras={"target": x_in})
 
@@ -386,8 +442,8 @@ class ObjectCentricEncoder(nn.Module):
         feats = self.norm(x)
         local = to_anchor_frame(geom.points, anchor)
         slots, attn = self.bind(feats, local, None if state is None else state.slots)
-        out = self.decode(slots.unsqueeze(1), attn.unsqueeze(1), local.unsqueeze(1), x_in, depth, intrinsics,
-                          cam_pose)
+        out = self.decode(slots.unsqueeze(1), attn.unsqueeze(1), local.unsqueeze(1), x_in, feats.unsqueeze(1), depth,
+                          intrinsics, cam_pose)
         keep_geom = _last_frames(ctx_geom, n, c - 1)
         t_next = 1 if state is None else state.t + 1
         return out, StreamState(context=new_context, context_geom=keep_geom, slots=slots, anchor=anchor, t=t_next)
@@ -396,9 +452,10 @@ class ObjectCentricEncoder(nn.Module):
 # ---------------------------------------------------------------------------- geometry of the slots
 
 
-def mask_geometry(masks: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> Tensor:
+def mask_geometry(masks: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> tuple[Tensor, Tensor]:
     """Per slot: world-frame centroid of the valid-depth pixels it wins (argmax over slots), and the
-    planar unit direction from the camera to it. masks (B, T, K, H, W), depth (B, T, H, W) -> (B, T, K, 5).
+    planar unit direction from the camera to it. masks (B, T, K, H, W), depth (B, T, H, W)
+    -> geometry (B, T, K, 5), pixels won (B, T, K).
     Hard assignment, because soft alphas leak a little weight over the whole image and a little
     weight on thousands of floor pixels drags an object's centroid far off (this part is not
     trained through). A slot that wins no valid pixel gets the camera position and a zero direction."""
@@ -419,7 +476,7 @@ def mask_geometry(masks: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Te
     centre = torch.where(mass.unsqueeze(-1) > 0.5, centre, cam)
     planar = centre[..., :2] - cam[..., :2]
     direction = planar / planar.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-    return torch.cat([centre, direction], -1)
+    return torch.cat([centre, direction], -1), mass
 
 
 def default_stats() -> dict[str, Any]:

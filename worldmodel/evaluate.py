@@ -18,6 +18,7 @@ from worldmodel.data import Clips
 from worldmodel.encoder import ObjectCentricEncoder
 from worldmodel.metrics import (
     FIRST_OBJECT_ID,
+    adjusted_rand_index,
     apply_linear_probe,
     fg_ari,
     fit_linear_probe,
@@ -86,10 +87,14 @@ def encode_clips(model: ObjectCentricEncoder, clips: Clips, clip_len: int, batch
 
 def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[str, Any]:
     """fg_ari, slot_identity_consistency and probe_median_err_m from encoded clips."""
-    aris, multi, purity, same, total = [], [], [], 0, 0
+    aris, multi, purity, video, same, total = [], [], [], [], 0, 0
     feats, targets, groups = [], [], []
     for clip in encoded:
         n_obj = clip["object_poses"].shape[1]
+        seg_clip = clip["segmentation"]
+        if (seg_clip >= FIRST_OBJECT_ID).any():  # SAVi's video FG-ARI: one labelling of the whole clip
+            fg_clip = seg_clip >= FIRST_OBJECT_ID
+            video.append(adjusted_rand_index(seg_clip[fg_clip], clip["masks"].argmax(1)[fg_clip]))
         matches = []
         for t in range(len(clip["masks"])):
             seg = clip["segmentation"][t]
@@ -116,6 +121,8 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[st
         "fg_ari_frames": len(aris),
         # ARI is 0 for a one-object frame whenever any pixel of it is split off; these two say more
         "fg_ari_multi_object": float(np.mean(multi)) if multi else None,
+        # over each whole clip at once: also counts an object that changes slot as an error
+        "fg_ari_video": float(np.mean(video)) if video else None,
         "object_purity": float(np.mean(purity)) if purity else None,
         "slot_identity_consistency": same / total if total else None,
         "identity_object_steps": total,
@@ -124,6 +131,9 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[st
     if feats:
         x, y, g = np.asarray(feats, np.float64), np.asarray(targets, np.float64), np.asarray(groups)
         train = g % 2 == 0
+        # the slots' own centre estimate (geometry[:2]), no probe: what a downstream model reads
+        centre_err = np.linalg.norm(x[:, -5:-3] - y, axis=1)
+        result["center_median_err_m"] = float(np.median(centre_err))
         if train.any() and (~train).any():
             w = fit_linear_probe(x[train], y[train])
             err = np.linalg.norm(apply_linear_probe(w, x[~train]) - y[~train], axis=1)

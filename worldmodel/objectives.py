@@ -7,19 +7,30 @@
   object is matched to one slot for the WHOLE clip (Hungarian, on the clip's summed
   log-likelihood), which also teaches a slot to keep its object over time; its pixels are then a
   cross-entropy target for that slot, and every non-object pixel a target for "any unmatched slot",
-  so background may split over the free slots however reconstruction prefers. Segmentation is a
-  training signal only: the encoder never sees it as input.
+  so background may split over the free slots however reconstruction prefers. Pixels on an edge
+  between two ids weigh `boundary_weight` times more: they are few, but one of them in the wrong
+  slot splits an object.
+- Centre supervision (weight `center_weight`): the matched slot's centre estimate
+  (`EncoderOutput.geometry[..., :2]`) against the object's true planar position, Huber in units of
+  `CENTER_HUBER_M`, on frames where the object shows at least `MIN_CENTER_PIXELS` pixels.
+Segmentation and object poses are training signals only: the encoder never sees them as input.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from worldmodel.encoder import EncoderOutput
 from worldmodel.metrics import FIRST_OBJECT_ID
+
+MIN_CENTER_PIXELS = 20
+CENTER_HUBER_M = 0.05
+
+Matches = list[tuple[np.ndarray, np.ndarray]]
 
 
 def reconstruction_loss(out: EncoderOutput, depth_weight: float = 1.0) -> Tensor:
@@ -28,7 +39,15 @@ def reconstruction_loss(out: EncoderOutput, depth_weight: float = 1.0) -> Tensor
     return err[:, :, :3].mean() * 3 / (3 + depth_weight) + err[:, :, 3].mean() * depth_weight / (3 + depth_weight)
 
 
-def match_objects_to_slots(log_masks: Tensor, onehot: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+def object_onehot(segmentation: Tensor) -> Tensor:
+    """(B, T, H, W) ids -> (B, T, O, H, W) float one-hot of objects 0..O-1 (O from the largest id)."""
+    seg = segmentation.long()
+    n_obj = max(int(seg.max().item()) - FIRST_OBJECT_ID + 1, 0)
+    ids = torch.arange(n_obj, device=seg.device) + FIRST_OBJECT_ID
+    return (seg.unsqueeze(2) == ids.view(1, 1, -1, 1, 1)).float()
+
+
+def match_objects_to_slots(log_masks: Tensor, onehot: Tensor) -> Matches:
     """Per clip, the slot of each present object maximising its mean log-likelihood over the clip.
 
     log_masks (B, T, K, H, W), onehot (B, T, O, H, W) -> per clip (object indices, slot indices)."""
@@ -46,19 +65,29 @@ def match_objects_to_slots(log_masks: Tensor, onehot: Tensor) -> list[tuple[np.n
     return out
 
 
-def mask_supervision_loss(out: EncoderOutput, segmentation: Tensor) -> Tensor:
+def edge_pixels(segmentation: Tensor) -> Tensor:
+    """(B, T, H, W) ids -> bool (B, T, H, W): pixels with a 4-neighbour of another id."""
+    seg = segmentation.long()
+    padded = F.pad(seg.flatten(0, 1).unsqueeze(1).float(), (1, 1, 1, 1), mode="replicate").squeeze(1).long()
+    centre = padded[:, 1:-1, 1:-1]
+    edge = ((padded[:, :-2, 1:-1] != centre) | (padded[:, 2:, 1:-1] != centre)
+            | (padded[:, 1:-1, :-2] != centre) | (padded[:, 1:-1, 2:] != centre))
+    return edge.view_as(seg)
+
+
+def mask_supervision_loss(out: EncoderOutput, segmentation: Tensor, boundary_weight: float = 1.0,
+                          matches: Matches | None = None) -> Tensor:
     """Cross-entropy of the alpha masks against clip-consistently matched object ids.
     segmentation (B, T, H, W) integer ids."""
     masks = out.masks
     b, t, k, h, w = masks.shape
     log_masks = torch.log(masks.clamp(min=1e-6))
     seg = segmentation.long()
-    n_obj = int(seg.max().item()) - FIRST_OBJECT_ID + 1
-    if n_obj <= 0:
+    onehot = object_onehot(seg)
+    if onehot.shape[2] == 0:
         return masks.sum() * 0.0
-    ids = torch.arange(n_obj, device=seg.device) + FIRST_OBJECT_ID
-    onehot = (seg.unsqueeze(2) == ids.view(1, 1, -1, 1, 1)).float()  # (B, T, O, H, W)
-    matches = match_objects_to_slots(log_masks, onehot)
+    if matches is None:
+        matches = match_objects_to_slots(log_masks, onehot)
     # per-pixel target slot for object pixels; a "matched" flag per slot for the background term
     target = torch.full((b, t, h, w), -1, dtype=torch.long, device=seg.device)
     matched = torch.zeros(b, k, dtype=torch.bool, device=seg.device)
@@ -66,30 +95,60 @@ def mask_supervision_loss(out: EncoderOutput, segmentation: Tensor) -> Tensor:
         for o, s in zip(objs, slots):
             target[i][seg[i] == FIRST_OBJECT_ID + int(o)] = int(s)
             matched[i, int(s)] = True
+    weight = 1.0 + (boundary_weight - 1.0) * edge_pixels(seg).float()
     fg = target >= 0
     losses = []
     if fg.any():
         picked = log_masks.permute(0, 1, 3, 4, 2)[fg]  # (P, K)
-        losses.append(-picked.gather(1, target[fg].unsqueeze(1)).mean())
+        nll = -picked.gather(1, target[fg].unsqueeze(1)).squeeze(1)
+        losses.append((nll * weight[fg]).sum() / weight[fg].sum())
     bg = (~fg) & (~matched.all(1)).view(b, 1, 1, 1)
     if bg.any():
         free = masks * (~matched).view(b, 1, k, 1, 1)
-        p_free = free.sum(2)  # (B, T, H, W)
-        losses.append(-torch.log(p_free[bg].clamp(min=1e-6)).mean())
+        nll = -torch.log(free.sum(2)[bg].clamp(min=1e-6))
+        losses.append((nll * weight[bg]).sum() / weight[bg].sum())
     return sum(losses) / max(len(losses), 1) if losses else masks.sum() * 0.0
 
 
-def encoder_loss(out: EncoderOutput, batch: dict[str, Tensor], depth_weight: float = 1.0,
-                 mask_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+def center_loss(out: EncoderOutput, segmentation: Tensor, object_poses: Tensor, matches: Matches) -> Tensor:
+    """Huber (metres) between matched slots' planar centre estimates and the objects' true positions.
+    object_poses (B, T, O, 3) x, y, yaw (NaN where an episode has fewer objects)."""
+    counts = object_onehot(segmentation).sum((-1, -2))  # (B, T, O)
+    pred, true = [], []
+    for i, (objs, slots) in enumerate(matches):
+        for o, s in zip(objs, slots):
+            seen = (counts[i, :, int(o)] >= MIN_CENTER_PIXELS) & torch.isfinite(object_poses[i, :, int(o), :2]).all(-1)
+            if seen.any():
+                pred.append(out.geometry[i, seen, int(s), :2])
+                true.append(object_poses[i, seen, int(o), :2])
+    if not pred:
+        return out.geometry.sum() * 0.0
+    # in units of CENTER_HUBER_M, so that the loss is about 1 at a few centimetres, like the others
+    return F.huber_loss(torch.cat(pred) / CENTER_HUBER_M, torch.cat(true).to(out.geometry.dtype) / CENTER_HUBER_M)
+
+
+def encoder_loss(out: EncoderOutput, batch: dict[str, Tensor], depth_weight: float = 1.0, mask_weight: float = 0.0,
+                 boundary_weight: float = 1.0, center_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
     """Total loss and its parts (floats, for logging)."""
     rec = reconstruction_loss(out, depth_weight)
     parts = {"recon": float(rec.detach())}
     loss = rec
-    if mask_weight > 0:
+    if mask_weight > 0 or center_weight > 0:
         if "segmentation" not in batch:
-            raise ValueError("mask_weight > 0 needs datasets recorded with `ego-collect segmentation=true`")
-        sup = mask_supervision_loss(out, batch["segmentation"])
+            raise ValueError("mask_weight > 0 or center_weight > 0 needs datasets recorded with "
+                             "`ego-collect segmentation=true`")
+        seg = batch["segmentation"]
+        onehot = object_onehot(seg)
+        matches = match_objects_to_slots(torch.log(out.masks.clamp(min=1e-6)), onehot) if onehot.shape[2] else []
+    if mask_weight > 0:
+        sup = mask_supervision_loss(out, seg, boundary_weight, matches)
         parts["mask_ce"] = float(sup.detach())
         loss = loss + mask_weight * sup
+    if center_weight > 0:
+        if "object_poses" not in batch:
+            raise ValueError("center_weight > 0 needs datasets with object_poses")
+        cen = center_loss(out, seg, batch["object_poses"], matches)
+        parts["center"] = float(cen.detach())
+        loss = loss + center_weight * cen
     parts["loss"] = float(loss.detach())
     return loss, parts

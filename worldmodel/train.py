@@ -69,7 +69,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 2000  # length of the learning-rate schedule
+    stop_at: int = 0  # stop (with a checkpoint) after this step although the schedule runs on; 0 = at `steps`
     batch_size: int = 8  # clips per optimiser step (per process under DDP)
     clip_len: int = 6  # frames per clip (SAVi trains on 6)
     lr: float = 4e-4
@@ -78,6 +79,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     depth_weight: float = 1.0
     mask_weight: float = 1.0  # simulator segmentation as an auxiliary mask target; 0 = unsupervised
+    boundary_weight: float = 3.0  # weight of pixels on an edge between two ids in the mask target
+    center_weight: float = 0.5  # simulator object positions as a target of the slots' centre estimates; 0 = off
     time_budget_min: float = 40.0  # stop (with a checkpoint) after this much training time; <= 0: no limit
     log_every: int = 25
     ckpt_every: int = 250
@@ -187,7 +190,11 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
         holder = [paths if main else None]
         dist.broadcast_object_list(holder, 0)
         paths = holder[0]
-    need = (*FRAME_KEYS, "segmentation") if tc.mask_weight > 0 else FRAME_KEYS
+    need = tuple(FRAME_KEYS)
+    if tc.mask_weight > 0 or tc.center_weight > 0:
+        need += ("segmentation",)
+    if tc.center_weight > 0:
+        need += ("object_poses",)
     clips = Clips.load(paths, need=need)
     if clips.image_size != tuple(cfg.model.image_size):
         raise ValueError(f"datasets have {clips.image_size} images; model.image_size is {cfg.model.image_size}")
@@ -204,7 +211,8 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
         opt.load_state_dict(state["train_state"]["optimizer"])
         step, train_s = state["train_state"]["step"], state["train_state"]["train_seconds"]
         history = state["metrics"].get("history", [])
-    done = step >= tc.steps or (tc.time_budget_min > 0 and train_s >= tc.time_budget_min * 60)
+    last = min(tc.steps, tc.stop_at) if tc.stop_at > 0 else tc.steps
+    done = step >= last or (tc.time_budget_min > 0 and train_s >= tc.time_budget_min * 60)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     torch.manual_seed(tc.seed * 1000 + rank + step)
 
@@ -214,7 +222,7 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
 
         writer = SummaryWriter(str(out / "tb"), purge_step=step)
     resolved = _resolved(cfg)
-    bar = tqdm(total=tc.steps, initial=step, desc=f"ego-train-wm {cfg.stage}", unit="step", disable=not (main and cfg.progress),
+    bar = tqdm(total=last, initial=step, desc=f"ego-train-wm {cfg.stage}", unit="step", disable=not (main and cfg.progress),
                dynamic_ncols=True)
     parts: dict[str, float] = {}
     stop = done
@@ -226,7 +234,8 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, tc)
             out_ = ddp(batch["rgb"], batch["depth"], batch["intrinsics"], batch["cam_pose"])
-            loss, parts = encoder_loss(out_, batch, tc.depth_weight, tc.mask_weight)
+            loss, parts = encoder_loss(out_, batch, tc.depth_weight, tc.mask_weight, tc.boundary_weight,
+                                       tc.center_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; last parts {parts}")
             opt.zero_grad(set_to_none=True)
@@ -245,7 +254,7 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
                     writer.add_scalar(f"{cfg.stage}/grad_norm", gnorm, step)
                     history.append({"step": step, "train_s": round(train_s, 1), **parts})
             over = tc.time_budget_min > 0 and train_s >= tc.time_budget_min * 60
-            stop = _broadcast_flag(step >= tc.steps or over, world, dev)
+            stop = _broadcast_flag(step >= last or over, world, dev)
             if main and (step % tc.ckpt_every == 0 or stop):
                 metrics = _metrics(step, train_s, history, parts, world, tc) | {"finished": stop}
                 save_checkpoint(out, model, resolved, stats, metrics,

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from worldmodel.data import Clips
-from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder
-from worldmodel.objectives import encoder_loss, mask_supervision_loss
+from worldmodel.encoder import CenterHead, EncoderConfig, EncoderOutput, ObjectCentricEncoder
+from worldmodel.objectives import center_loss, edge_pixels, encoder_loss, mask_supervision_loss
 
 TINY = {"dim": 32, "layers": 2, "heads": 2, "slot_dim": 32, "decoder_hidden": 32, "num_slots": 5}
 
 
 @pytest.fixture(scope="module")
 def clips(wm_dataset) -> Clips:
-    return Clips.load([wm_dataset], need=("rgb", "depth", "intrinsics", "cam_pose", "segmentation"))
+    return Clips.load([wm_dataset], need=("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses"))
 
 
 def batch(clips: Clips, n: int = 2, length: int = 3) -> dict[str, torch.Tensor]:
@@ -47,12 +47,14 @@ def test_shapes_and_dtypes(clips, rope):
 def test_one_step_lowers_the_loss(clips):
     model = tiny()
     b = batch(clips, n=2, length=2)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
 
     def loss_now() -> float:
         torch.manual_seed(1)  # same slot initialisation noise both times
         out = model(b["rgb"], b["depth"], b["intrinsics"], b["cam_pose"])
-        return encoder_loss(out, b, 1.0, 1.0)[0]
+        loss, parts = encoder_loss(out, b, 1.0, 1.0, boundary_weight=3.0, center_weight=0.5)
+        assert set(parts) == {"recon", "mask_ce", "center", "loss"}
+        return loss
 
     before = loss_now()
     opt.zero_grad()
@@ -81,6 +83,63 @@ def test_mask_supervision_is_low_for_the_true_segmentation(clips):
     out.masks = uniform
     bad = mask_supervision_loss(out, seg)
     assert good < 0.05 < bad
+
+
+def test_edge_pixels_by_hand():
+    seg = torch.zeros(1, 1, 5, 6, dtype=torch.long)
+    seg[0, 0, 1:3, 2:4] = 4  # a 2x2 object
+    edge = edge_pixels(seg)[0, 0]
+    expect = torch.zeros(5, 6, dtype=torch.bool)
+    expect[1:3, 2:4] = True  # every pixel of a 2x2 block touches the outside
+    expect[0, 2:4] = expect[3, 2:4] = expect[1:3, 1] = expect[1:3, 4] = True  # its 4-neighbours outside
+    assert torch.equal(edge, expect)
+
+
+def test_boundary_weight_counts_edge_errors_more(clips):
+    """The same masks, wrong only on object edges, cost more when edges weigh more."""
+    start = next(s for s in clips.clip_starts(1) if (clips.arrays["segmentation"][s] >= 3).sum() > 50)
+    b = clips.batch(np.array([start]), 1)
+    seg = b["segmentation"].long()
+    out = tiny()(b["rgb"], b["depth"], b["intrinsics"], b["cam_pose"])
+    k = out.masks.shape[2]
+    truth = torch.zeros_like(out.masks)
+    for i, v in enumerate(torch.unique(seg).tolist()):
+        truth[:, :, min(i, k - 1)][seg == v] = 1.0
+    wrong_on_edges = torch.where(edge_pixels(seg).unsqueeze(2), truth.roll(1, dims=2), truth)
+    out.masks = wrong_on_edges * 0.98 + 0.02 / k
+    assert mask_supervision_loss(out, seg, boundary_weight=4.0) > 1.05 * mask_supervision_loss(out, seg)
+
+
+def test_center_head_moves_the_centroid_along_and_across_the_view_direction():
+    head = CenterHead(slot_dim=4)
+    slots = torch.zeros(1, 2, 4)
+    d = torch.tensor([0.6, 0.8])
+    geometry = torch.tensor([[[1.0, 2.0, 0.05, *d], [0.5, 0.5, 0.0, 0.0, 0.0]]])
+    pixels = torch.tensor([[30.0, 0.0]])
+    torch.testing.assert_close(head(slots, geometry, pixels), geometry)  # zero-initialised: the centroid
+    with torch.no_grad():
+        head.mlp[-1].bias.copy_(torch.tensor([0.1, 0.02, -0.01]))  # 10 cm along, 2 cm across (left), 1 cm down
+    out = head(slots, geometry, pixels)
+    expect = torch.tensor([1.0 + 0.1 * 0.6 - 0.02 * 0.8, 2.0 + 0.1 * 0.8 + 0.02 * 0.6, 0.04, *d])
+    torch.testing.assert_close(out[0, 0], expect)
+    torch.testing.assert_close(out[0, 1], geometry[0, 1])  # a slot with no pixels stays where it was
+
+
+def test_center_loss_is_zero_at_the_true_positions(clips):
+    start = next(s for s in clips.clip_starts(2) if (clips.arrays["segmentation"][s:s + 2] >= 3).sum() > 200)
+    b = clips.batch(np.array([start]), 2)
+    seg = b["segmentation"].long()
+    objs = [int(o) - 3 for o in torch.unique(seg[seg >= 3])]
+    matches = [(np.array(objs), np.arange(len(objs)))]
+    k = max(len(objs), 2)
+    geometry = torch.zeros(1, 2, k, 5)
+    for s, o in enumerate(objs):
+        geometry[0, :, s, :2] = b["object_poses"][0, :, o, :2]
+    out = EncoderOutput(slots=torch.zeros(1, 2, k, 4), geometry=geometry.clone(), masks=torch.zeros(1, 2, k, 64, 64),
+                        recon=torch.zeros(1, 2, 4, 64, 64))
+    assert center_loss(out, seg, b["object_poses"], matches) == 0
+    out.geometry[..., 0] += 0.1  # x 10 cm off: 2 Huber units (1.5, linear part), y exact (0): mean 0.75
+    torch.testing.assert_close(center_loss(out, seg, b["object_poses"], matches), torch.tensor(0.75))
 
 
 def test_streaming_matches_the_clip_forward(clips):

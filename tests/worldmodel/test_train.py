@@ -21,14 +21,14 @@ TINY_MODEL = {"dim": 32, "layers": 1, "heads": 2, "slot_dim": 32, "decoder_hidde
 TINY_TRAIN = {"batch_size": 2, "clip_len": 2, "log_every": 1, "ckpt_every": 2, "warmup": 1, "threads": 1}
 
 
-def run_train(out: Path, dataset: str, steps: int, **extra):
+def run_train(out: Path, dataset: str, steps: int, stop_at: int = 0, **extra):
     return train(out=str(out), progress=False, data={"paths": [dataset]}, model=TINY_MODEL,
-                 train=TINY_TRAIN | {"steps": steps}, **extra)
+                 train=TINY_TRAIN | {"steps": steps, "stop_at": stop_at}, **extra)
 
 
 def test_checkpoint_layout_reload_and_resume(tmp_path, wm_dataset):
     out = tmp_path / "run"
-    m = run_train(out, wm_dataset, steps=2)
+    m = run_train(out, wm_dataset, steps=4, stop_at=2)  # a 4-step schedule, stopped half way
     assert m["step"] == 2
     for f in ("config.yaml", "model.safetensors", "stats.json", "metrics.json", "train_state.pt", "report.md",
               "loss.png"):
@@ -49,7 +49,7 @@ def test_checkpoint_layout_reload_and_resume(tmp_path, wm_dataset):
         yb = b(x["rgb"], x["depth"], x["intrinsics"], x["cam_pose"])
     assert torch.equal(ya.slots, yb.slots) and torch.equal(ya.masks, yb.masks)
 
-    # rerunning with more steps resumes where it stopped
+    # rerunning without the stop resumes where it stopped
     m = run_train(out, wm_dataset, steps=4)
     assert m["step"] == 4
     hist = json.loads((out / "metrics.json").read_text())["history"]
