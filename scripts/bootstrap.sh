@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything from nothing on a Debian/Ubuntu machine with Python >= 3.10:
-# system libraries for headless MuJoCo rendering (EGL/Mesa), a virtual environment in .venv,
+# system libraries for headless MuJoCo rendering (EGL/Mesa) and the viewer tests (Xvfb, ImageMagick,
+# xdotool), a virtual environment in .venv,
 # and the project with its test extras. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,16 +11,20 @@ PYTHON=${PYTHON:-python3}
 need_apt=()
 ldconfig -p 2>/dev/null | grep -q 'libEGL.so.1' || need_apt+=(libegl1 libegl-mesa0 libgl1-mesa-dri)
 ldconfig -p 2>/dev/null | grep -q 'libGL.so.1' || need_apt+=(libgl1)
+# the interactive viewer's tests (ego-view under a virtual display): Xvfb, ImageMagick's `import`, xdotool
+command -v Xvfb >/dev/null || need_apt+=(xvfb)
+command -v import >/dev/null || need_apt+=(imagemagick)
+command -v xdotool >/dev/null || need_apt+=(xdotool)
 # Debian's own python3 ships venv without ensurepip: that is the python3-venv package
 if [ ! -x "$VENV/bin/python" ] && ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
   need_apt+=("python3-venv")
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "bootstrap: installing ${need_apt[*]} for headless rendering"
+    echo "bootstrap: installing ${need_apt[*]} (headless rendering, viewer tests)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
   else
-    echo "bootstrap: please install ${need_apt[*]} (EGL/Mesa for headless MuJoCo rendering, venv)" >&2
+    echo "bootstrap: please install ${need_apt[*]} (EGL/Mesa for headless MuJoCo rendering, venv, viewer tests)" >&2
   fi
 fi
 

@@ -1,7 +1,7 @@
 """World-model overlays for `ego-view` (the torch side of `sim.overlays.OverlayProvider`).
 
 `SlotOverlay` streams the robot's RGB-D frames through a trained `ObjectCentricEncoder` and
-reports where its slots put the objects: each slot's world-frame centroid (`geometry[..., :3]`),
+reports where its slots put the objects: each slot's world-frame centre estimate (`geometry[..., :3]`),
 for the slots that win enough pixels with valid depth. The viewer draws them as cyan balls,
 labelled with the slot index, so that a slot keeping its object keeps its label.
 
@@ -58,7 +58,7 @@ class SlotOverlay:
                      for k in ("rgb", "depth", "intrinsics", "cam_pose"))
 
     def update(self, obs: dict[str, np.ndarray], planned_actions: np.ndarray | None) -> OverlayFrame:
-        """points (K', 3): world centroids of the slots that hold something; labels: their slot indices."""
+        """points (K', 3): world centres of the slots that hold something; labels: their slot indices."""
         rgb, depth, intrinsics, cam_pose = self._batch(obs)
         out, self.state = self.encoder.step(rgb, depth, intrinsics, cam_pose, self.state)
         centres = out.geometry[0, 0, :, :3].cpu().numpy()  # (K, 3)
