@@ -3,14 +3,15 @@
     python benchmarks/wm_encoder.py [--checkpoint DIR [DIR ...]] [--quick]
 
 With no checkpoint, it trains the default encoder first (`ego-train-wm stage=encoder`, collecting its
-data; within its 40-minute training budget) into runs/wm_encoder, then measures it. Several
+data; 3000 steps, within its 45-minute training budget) into runs/wm_encoder, then measures it. Several
 checkpoints (e.g. the three RoPE variants) are measured on the same held-out clips. Metrics, each
 with field `rope`:
 - fg_ari: foreground adjusted Rand index of the slot masks against MuJoCo's segmentation, per frame
   (field video_fg_ari: SAVi's per-clip convention, which also counts slot switches).
 - probe_median_err_m: linear probe from Hungarian-matched slots to object planar positions
-  (fit on half of the held-out episodes, tested on the other half); field slot_center_median_err_m:
-  the slots' own centre estimate, no probe.
+  (Huber fit, ridge by cross-validation, on half of the held-out episodes, tested on the other
+  half); fields: geometry_probe_median_err_m, the same probe on the slot's 5 geometric features
+  alone, and slot_center_median_err_m, the slots' own centre estimate with no probe.
 - slot_identity_consistency: over 20-step clips with a moving camera, the fraction of steps on which
   each object stays matched to its usual slot.
 - encoder_ms_per_frame (field `attention`: dense / sparse) at batch 1 streaming on this CPU, and
@@ -96,7 +97,9 @@ def main() -> None:
                  video_fg_ari=m["fg_ari_video"], **common)
             emit(BENCH, "probe_median_err_m", m.get("probe_median_err_m"), "m", attention=mode,
                  mean_err_m=m.get("probe_mean_err_m"), test_samples=m.get("probe_test_samples"), target=0.03,
-                 slot_center_median_err_m=m.get("center_median_err_m"), **common)
+                 slot_center_median_err_m=m.get("center_median_err_m"),
+                 geometry_probe_median_err_m=m.get("probe_geometry_median_err_m"), ridge=m.get("probe_ridge"),
+                 **common)
             emit(BENCH, "slot_identity_consistency", m["slot_identity_consistency"], "fraction", attention=mode,
                  object_steps=m["identity_object_steps"], target=0.95, **common)
         lat = stream_latency(model, clips, frames=10 if args.quick else 30, repeats=2 if args.quick else 5)

@@ -17,7 +17,7 @@ from torch import Tensor
 from sim.dataset import EpisodeDataset
 
 FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose")
-OPTIONAL_KEYS = ("segmentation", "object_poses", "visible", "action", "proprio", "robot_pose")
+OPTIONAL_KEYS = ("segmentation", "object_poses", "visible", "action", "executed_action", "proprio", "robot_pose")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from worldmodel.metrics import (
     adjusted_rand_index,
     apply_linear_probe,
     fg_ari,
-    fit_linear_probe,
+    fit_linear_probe_cv,
     identity_consistency,
     match_objects,
 )
@@ -127,7 +127,8 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[st
         "slot_identity_consistency": same / total if total else None,
         "identity_object_steps": total,
     }
-    # linear probe: fit on half of the episodes, test on the other half
+    # linear probe: fit on half of the episodes (Huber, ridge chosen by cross-validation over those
+    # episodes), tested on the other half
     if feats:
         x, y, g = np.asarray(feats, np.float64), np.asarray(targets, np.float64), np.asarray(groups)
         train = g % 2 == 0
@@ -135,10 +136,15 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[st
         centre_err = np.linalg.norm(x[:, -5:-3] - y, axis=1)
         result["center_median_err_m"] = float(np.median(centre_err))
         if train.any() and (~train).any():
-            w = fit_linear_probe(x[train], y[train])
+            w, ridge = fit_linear_probe_cv(x[train], y[train], g[train])
             err = np.linalg.norm(apply_linear_probe(w, x[~train]) - y[~train], axis=1)
             result |= {"probe_median_err_m": float(np.median(err)), "probe_mean_err_m": float(err.mean()),
-                       "probe_train_samples": int(train.sum()), "probe_test_samples": int((~train).sum())}
+                       "probe_ridge": ridge, "probe_train_samples": int(train.sum()),
+                       "probe_test_samples": int((~train).sum())}
+            # the same probe on the slot's geometric part alone (its last 5 features)
+            w, _ = fit_linear_probe_cv(x[train, -5:], y[train], g[train])
+            err = np.linalg.norm(apply_linear_probe(w, x[~train, -5:]) - y[~train], axis=1)
+            result["probe_geometry_median_err_m"] = float(np.median(err))
     return result
 
 

@@ -77,16 +77,48 @@ def identity_consistency(matches: list[dict[int, int]]) -> tuple[int, int]:
     return int(same), int(total)
 
 
-def fit_linear_probe(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+def fit_linear_probe(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, huber_m: float | None = None,
+                     iters: int = 20) -> np.ndarray:
     """Ridge regression weights W (D + 1, C) with a bias row: y ~ [x, 1] @ W. Features are standardised
-    inside (the returned W works on raw x)."""
+    inside (the returned W works on raw x). With `huber_m`, a Huber fit (iteratively reweighted least
+    squares, residual norms beyond `huber_m` count linearly), so that a few samples whose slot holds
+    another object do not tilt the map for all others."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     xs = np.concatenate([(x - mu) / sd, np.ones((len(x), 1))], 1)
-    w = np.linalg.solve(xs.T @ xs + ridge * len(x) * np.eye(xs.shape[1]), xs.T @ y)
+    weight = np.ones(len(x))
+    for _ in range(iters if huber_m else 1):
+        a = xs.T @ (xs * weight[:, None]) + ridge * weight.sum() * np.eye(xs.shape[1])
+        w = np.linalg.solve(a, xs.T @ (y * weight[:, None]))
+        if huber_m:
+            residual = np.linalg.norm(xs @ w - y, axis=1)
+            weight = np.minimum(1.0, huber_m / np.maximum(residual, 1e-12))
     # fold the standardisation into the weights
     w_raw = w[:-1] / sd[:, None]
     b = w[-1] - (mu / sd) @ w[:-1]
     return np.concatenate([w_raw, b[None]], 0)
+
+
+def fit_linear_probe_cv(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                        ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), huber_m: float | None = 0.05,
+                        folds: int = 4) -> tuple[np.ndarray, float]:
+    """`fit_linear_probe` with its ridge chosen by cross-validation over `groups` (episodes: no
+    episode is in both the fitting and the scoring part of a fold), scored by the median error.
+    Returns (W fitted on all of x, the chosen ridge)."""
+    ids = np.unique(groups)
+    fold_of = {g: i % folds for i, g in enumerate(ids)}
+    fold = np.array([fold_of[g] for g in groups])
+    best, best_err = ridges[0], np.inf
+    for r in ridges:
+        errs = []
+        for f in range(min(folds, len(ids))):
+            fit, score = fold != f, fold == f
+            if fit.any() and score.any():
+                w = fit_linear_probe(x[fit], y[fit], r, huber_m)
+                errs.append(np.linalg.norm(apply_linear_probe(w, x[score]) - y[score], axis=1))
+        err = float(np.median(np.concatenate(errs))) if errs else np.inf
+        if err < best_err:
+            best, best_err = r, err
+    return fit_linear_probe(x, y, best, huber_m), best
 
 
 def apply_linear_probe(w: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -31,8 +31,9 @@ from worldmodel.checkpoint import load_state_strict, read_checkpoint, read_json,
 from worldmodel.data import FRAME_KEYS, Clips
 from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
 from worldmodel.objectives import encoder_loss
+from worldmodel.train_predictor import PredictorStageConfig
 
-STAGES = ("encoder",)
+STAGES = ("encoder", "predictor")
 
 
 @dataclass
@@ -69,7 +70,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000  # length of the learning-rate schedule
+    steps: int = 3000  # length of the learning-rate schedule
     stop_at: int = 0  # stop (with a checkpoint) after this step although the schedule runs on; 0 = at `steps`
     batch_size: int = 8  # clips per optimiser step (per process under DDP)
     clip_len: int = 6  # frames per clip (SAVi trains on 6)
@@ -81,7 +82,7 @@ class TrainConfig:
     mask_weight: float = 1.0  # simulator segmentation as an auxiliary mask target; 0 = unsupervised
     boundary_weight: float = 3.0  # weight of pixels on an edge between two ids in the mask target
     center_weight: float = 0.5  # simulator object positions as a target of the slots' centre estimates; 0 = off
-    time_budget_min: float = 40.0  # stop (with a checkpoint) after this much training time; <= 0: no limit
+    time_budget_min: float = 45.0  # stop (with a checkpoint) after this much training time; <= 0: no limit
     log_every: int = 25
     ckpt_every: int = 250
     seed: int = 0
@@ -94,12 +95,14 @@ class WorldModelTrainConfig:
     """Options of `ego-train-wm` (defaults mirrored in worldmodel/conf/train_wm.yaml)."""
 
     stage: str = "encoder"
-    out: str = "runs/wm_encoder"
+    out: str = "runs/wm_${stage}"
     resume: bool = True  # continue from out/ when it holds a checkpoint of this stage
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    encoder: str = "runs/wm_encoder"  # stage=predictor: the frozen encoder checkpoint it reads slots from
+    predictor: PredictorStageConfig = field(default_factory=PredictorStageConfig)  # stage=predictor options
 
 
 ConfigStore.instance().store(name="train_wm_schema", node=WorldModelTrainConfig)
@@ -176,6 +179,10 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
         config = OmegaConf.merge(OmegaConf.structured(WorldModelTrainConfig), config or {})
     cfg: WorldModelTrainConfig = to_config(config, WorldModelTrainConfig, overrides)
     _check(cfg)
+    if cfg.stage == "predictor":
+        from worldmodel.train_predictor import train_predictor
+
+        return train_predictor(cfg)
     tc = cfg.train
     rank, world, dev = _dist_setup(tc.device)
     if tc.threads > 0:

@@ -14,7 +14,15 @@ import torch
 
 from worldmodel.checkpoint import read_checkpoint
 from worldmodel.data import Clips
-from worldmodel.metrics import adjusted_rand_index, fg_ari, identity_consistency, match_objects
+from worldmodel.metrics import (
+    adjusted_rand_index,
+    apply_linear_probe,
+    fg_ari,
+    fit_linear_probe,
+    fit_linear_probe_cv,
+    identity_consistency,
+    match_objects,
+)
 from worldmodel.train import load_encoder, train
 
 TINY_MODEL = {"dim": 32, "layers": 1, "heads": 2, "slot_dim": 32, "decoder_hidden": 32, "num_slots": 4}
@@ -145,3 +153,23 @@ def test_collected_segmentation_matches_the_objects(wm_dataset):
     shown = [(seg[t] == 3 + o).any() for t in range(len(seg)) for o in range(n_obj) if ep["visible"][t, o]]
     assert shown and np.mean(shown) > 0.8
     assert "segmentation_ids" in ds.meta
+
+
+def test_huber_probe_ignores_outliers_and_cv_picks_a_ridge():
+    """A linear map with 10% gross outliers (a slot that holds another object): the Huber fit finds
+    the map, plain least squares is tilted by the outliers."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (400, 3))
+    true_w = np.array([[1.0, 0.0], [0.0, 1.0], [0.3, -0.2]])
+    y = x @ true_w + 0.1 + rng.normal(0, 0.005, (400, 2))
+    bad = rng.random(400) < 0.1
+    y[bad] += rng.uniform(0.5, 1.5, (bad.sum(), 2))
+    x_test = rng.uniform(-1, 1, (200, 3))
+    y_test = x_test @ true_w + 0.1
+    err = lambda w: np.median(np.linalg.norm(apply_linear_probe(w, x_test) - y_test, axis=1))
+    assert err(fit_linear_probe(x, y, 1e-4, huber_m=0.05)) < 0.01 < err(fit_linear_probe(x, y, 1e-4))
+    groups = np.arange(400) // 20
+    w, ridge = fit_linear_probe_cv(x, y, groups)
+    assert ridge in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) and err(w) < 0.01
+    w2, ridge2 = fit_linear_probe_cv(x, y, groups)
+    assert ridge2 == ridge and np.array_equal(w, w2)  # deterministic

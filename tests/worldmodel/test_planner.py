@@ -1,0 +1,188 @@
+"""CEM / MPPI planners on a model with a known optimum, determinism, bounds, goal costs and their
+bad input, and the LatentPlanner controller on a real EgoPush episode with tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.planner import (CEMPlanner, LatentPlanner, MPPIPlanner, PlannerConfig, PositionGoalCost,
+                                SlotGoalCost, make_planner, match_slots)
+from worldmodel.predictor import CausalJEPAPredictor, PredictorConfig, Rollout
+
+GOAL = torch.tensor([0.6, -0.9])
+
+
+def linear_rollout(actions: torch.Tensor) -> torch.Tensor:
+    """A point moved by x_{t+1} = x_t + B a_t with B = diag(2, 0.5): (N, H, 2) -> states (N, H, 2)."""
+    return torch.cumsum(actions * torch.tensor([2.0, 0.5]), dim=1)
+
+
+def final_distance(states: torch.Tensor) -> torch.Tensor:
+    return (states[:, -1] - GOAL).norm(dim=-1)
+
+
+def small(method: str, **kw) -> PlannerConfig:
+    return PlannerConfig(**({"method": method, "samples": 64, "iterations": 8, "elites": 8, "horizon": 4} | kw))
+
+
+@pytest.mark.parametrize("method", ["cem", "mppi"])
+def test_planner_lowers_the_cost_to_the_known_optimum(method):
+    cfg = small(method)
+    planner = make_planner(cfg)
+    assert isinstance(planner, CEMPlanner if method == "cem" else MPPIPlanner)
+    start = float(final_distance(linear_rollout(torch.zeros(1, 4, 2)))[0])
+    result = planner.plan(linear_rollout, final_distance)
+    # reachable: x needs sum(v) = 0.3 (bound 0.25 a step), y needs sum(omega) = -1.8 (bound 2): optimum 0
+    assert result.cost < 0.05 * start
+    assert all(b2 <= b1 for b1, b2 in zip(result.best_costs, result.best_costs[1:]))
+    assert float(final_distance(linear_rollout(result.actions[None]))[0]) == pytest.approx(result.cost, abs=1e-6)
+    low, high = torch.tensor(cfg.action_low), torch.tensor(cfg.action_high)
+    assert result.actions.shape == (4, 2) and (result.actions >= low).all() and (result.actions <= high).all()
+
+
+def test_planner_respects_bounds_when_the_goal_is_out_of_reach():
+    far = lambda s: (s[:, -1] - torch.tensor([50.0, 0.0])).norm(dim=-1)  # noqa: E731
+    result = CEMPlanner(small("cem")).plan(linear_rollout, far)
+    torch.testing.assert_close(result.actions[:, 0], torch.full((4,), 0.25), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["cem", "mppi"])
+def test_planning_is_deterministic_under_a_seed(method):
+    a = make_planner(small(method, seed=7)).plan(linear_rollout, final_distance)
+    planner = make_planner(small(method, seed=7))
+    b = planner.plan(linear_rollout, final_distance)
+    assert torch.equal(a.actions, b.actions) and a.best_costs == b.best_costs
+    planner.reset()  # back to the seed
+    assert torch.equal(planner.plan(linear_rollout, final_distance).actions, a.actions)
+    c = make_planner(small(method, seed=8)).plan(linear_rollout, final_distance)
+    assert not torch.equal(a.actions, c.actions)
+
+
+def test_warm_start_is_never_lost():
+    optimum = torch.tensor([[0.075, -1.0], [0.075, -0.8], [0.075, 0.0], [0.075, 0.0]])  # cost 0 exactly
+    result = CEMPlanner(small("cem", iterations=1)).plan(linear_rollout, final_distance, warm_start=optimum)
+    assert result.cost == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bad_planner_input():
+    planner = CEMPlanner(small("cem"))
+    with pytest.raises(ValueError, match="one cost per candidate"):
+        planner.plan(linear_rollout, lambda s: s.sum())
+    with pytest.raises(ValueError, match="warm_start must be"):
+        planner.plan(linear_rollout, final_distance, warm_start=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="method must be"):
+        PlannerConfig(method="random")
+    with pytest.raises(ValueError, match="elites"):
+        PlannerConfig(samples=10, elites=20)
+    # a NaN cost never wins
+    def nan_cost(s: torch.Tensor) -> torch.Tensor:
+        return torch.where(s[:, -1, 0] > 0, torch.full((s.shape[0],), float("nan")), final_distance(s))
+
+    result = planner.plan(linear_rollout, nan_cost)
+    assert np.isfinite(result.cost)
+
+
+# ---------------------------------------------------------------------------- goal costs
+
+
+def tiny_predictor() -> CausalJEPAPredictor:
+    torch.manual_seed(0)
+    return CausalJEPAPredictor(PredictorConfig(slot_dim=12, num_slots=4, history=2, future=2, frameskip=2, dim=32,
+                                               layers=1, heads=2, interaction_hidden=16)).eval()
+
+
+def test_goal_costs_and_bad_goal_shapes():
+    model = tiny_predictor()
+    k, z = 4, 18
+    goal = torch.randn(k, z)
+    cost = SlotGoalCost(goal, model)
+    states = goal.expand(5, 3, k, z).clone()
+    states[1:, -1, :, 12:14] += torch.arange(1, 5).view(4, 1, 1) * 0.1  # further and further from the goal
+    c = cost(states)
+    assert c.shape == (5,) and c[0] == pytest.approx(0.0, abs=1e-6) and (c.diff() > 0).all()
+    with pytest.raises(ValueError, match=r"goal slots must be \(K, S \+ 6\) = \(4, 18\)"):
+        SlotGoalCost(torch.randn(3, z), model)
+    with pytest.raises(ValueError, match="goal slots must be"):
+        SlotGoalCost(torch.randn(k, z - 6), model)  # encoder features, not predictor states
+    with pytest.raises(ValueError, match="NaN"):
+        SlotGoalCost(torch.full((k, z), float("nan")), model)
+    # slots of two encodings are matched by appearance
+    perm = torch.tensor([2, 0, 3, 1])
+    assert torch.equal(match_slots(goal[perm], goal, model.slot_std, 12), perm)
+
+    pos_cost = PositionGoalCost(torch.tensor([[0.5, 0.5]]), [2], num_slots=k, approach_weight=0.0)
+    roll = Rollout(states=states, robot=torch.zeros(5, 3, 6), slot_dim=12)
+    assert pos_cost(roll).shape == (5,)
+    with pytest.raises(ValueError, match=r"goal positions must be \(G, 2\)"):
+        PositionGoalCost(torch.zeros(1, 3), [0], num_slots=k)
+    with pytest.raises(ValueError, match="one slot per goal position"):
+        PositionGoalCost(torch.zeros(2, 2), [0], num_slots=k)
+    with pytest.raises(ValueError, match="slot indices"):
+        PositionGoalCost(torch.zeros(1, 2), [4], num_slots=k)
+
+
+def test_planning_with_a_predictor_rollout_lowers_the_cost():
+    """CEM through the predictor's batched rollout: the goal is where the robot's pusher ends, which
+    the rollout gets from the commands by the robot's kinematics (known exactly)."""
+    model = tiny_predictor()
+    b = 1
+    feats = torch.randn(b, 2, 4, 17)
+    cam = torch.eye(4).repeat(b, 2, 1, 1)
+    cam[..., :3, :3] = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    target = torch.tensor([0.06, 0.04])  # 0.1 m from the axle: reachable in 0.6 s at 0.25 m/s
+
+    def rollout_fn(cand: torch.Tensor) -> Rollout:
+        r = model.rollout(feats, cand.repeat_interleave(2, 1)[None], cam_pose=cam)
+        return Rollout(states=r.states[0], robot=r.robot[0], slot_dim=12)
+
+    cost_fn = lambda r: (r.robot[:, -1, :2] - target).norm(dim=-1)  # noqa: E731
+    cfg = PlannerConfig(samples=48, iterations=5, elites=6, horizon=3)
+    start = float(cost_fn(rollout_fn(torch.zeros(1, 3, 2)))[0])
+    result = CEMPlanner(cfg).plan(rollout_fn, cost_fn)
+    assert result.cost < 0.5 * start
+
+
+# ---------------------------------------------------------------------------- the controller
+
+
+def test_latent_planner_drives_an_episode():
+    from sim.env import ACTION_HIGH, ACTION_LOW, EgoPushEnv
+    from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder
+
+    torch.manual_seed(0)
+    enc = ObjectCentricEncoder(EncoderConfig(dim=32, layers=1, heads=2, slot_dim=12, decoder_hidden=32,
+                                             num_slots=4, pixel_embed=0))
+    model = tiny_predictor()
+    cfg = PlannerConfig(samples=16, iterations=2, elites=4, horizon=3, execute=1)
+    env = EgoPushEnv(task="single", level="easy")
+    try:
+        runs = []
+        for _ in range(2):
+            obs, info = env.reset(seed=3)
+            torch.manual_seed(0)
+            ctrl = LatentPlanner(enc, model, cfg)
+            ctrl.reset(obs, info)
+            acts = []
+            for _ in range(5):
+                a = ctrl.act(obs)
+                assert a.shape == (2,) and a.dtype == np.float32
+                assert (a >= ACTION_LOW - 1e-6).all() and (a <= ACTION_HIGH + 1e-6).all()
+                acts.append(a)
+                obs, _, _, _, info = env.step(a)
+            runs.append(np.stack(acts))
+            assert ctrl.last_plan is not None and len(ctrl.features) == 5  # reset + 4 later observations
+            hist = ctrl.history()
+            assert hist["features"].shape == (1, 2, 4, 17) and hist["past_actions"].shape == (1, 1, 2, 2)
+        np.testing.assert_array_equal(runs[0], runs[1])  # the same seed, the same actions
+        # a goal observation instead of a goal state
+        obs, info = env.reset(seed=4)
+        ctrl = LatentPlanner(enc, model, cfg, goal="observation")
+        ctrl.reset(obs, info)
+        with pytest.raises(RuntimeError, match="no goal"):
+            ctrl.act(obs)
+        ctrl.set_goal_observation(obs)
+        assert ctrl.act(obs).shape == (2,)
+    finally:
+        env.close()

@@ -1,0 +1,387 @@
+"""Planning in the predictor's slot space, separate from the model it plans with (as DINO-WM).
+
+`CEMPlanner` and `MPPIPlanner` search action sequences (H, A) for the lowest cost of
+`cost_fn(rollout_fn(actions (N, H, A)))`, N candidates at once. They know nothing about world
+models: any batched rollout and cost will do. `LatentPlanner` is the `Controller` that drives the
+robot with them: it encodes each observation with the encoder, rolls candidates out with the
+`CausalJEPAPredictor` (one action per predictor frame, held for `frameskip` env steps), executes the
+first `execute` frames of the best plan and replans (receding horizon), warm-starting from the rest.
+
+Goals: a goal observation (encoded; cost on the slots, matched to the current ones by Hungarian
+assignment because two encodings order their slots differently) or a goal state (target positions
+of chosen objects; cost on the slots' probed positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from sim.env import ACTION_HIGH, ACTION_LOW, PUSHER_OFFSET
+from worldmodel.predictor import POSITION_HUBER_M, CausalJEPAPredictor, Rollout
+
+METHODS = ("cem", "mppi")
+
+
+@dataclass
+class PlannerConfig:
+    """Sampling-based planning (C-JEPA's PushT planner: CEM 300 samples, 30 iterations, top 30,
+    horizon 9, receding 3; the defaults here are smaller for a CPU)."""
+
+    method: str = "cem"  # cem | mppi
+    samples: int = 300  # candidates per iteration
+    iterations: int = 10
+    elites: int = 30  # CEM: candidates the distribution is refitted to
+    horizon: int = 5  # predictor frames planned
+    execute: int = 1  # predictor frames executed before replanning
+    init_std: float = 0.6  # initial standard deviation, as a fraction of half the action range
+    min_std: float = 0.05  # (same units) floor, so that the search never stops exploring
+    momentum: float = 0.1  # CEM: share of the old mean / std kept at each refit
+    temperature: float = 0.5  # MPPI: weights exp(-(cost - min) / (temperature * std of the costs))
+    seed: int = 0
+    action_low: list[float] = field(default_factory=lambda: ACTION_LOW.tolist())
+    action_high: list[float] = field(default_factory=lambda: ACTION_HIGH.tolist())
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
+        for name in ("samples", "iterations", "elites", "horizon", "execute"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.elites > self.samples:
+            raise ValueError(f"elites ({self.elites}) must be <= samples ({self.samples})")
+        if self.execute > self.horizon:
+            raise ValueError(f"execute ({self.execute}) must be <= horizon ({self.horizon})")
+        if len(self.action_low) != len(self.action_high) or any(
+                lo >= hi for lo, hi in zip(self.action_low, self.action_high)):
+            raise ValueError(f"action bounds must be equally long with low < high; got {self.action_low}, "
+                             f"{self.action_high}")
+        if self.temperature <= 0 or self.init_std <= 0 or self.min_std < 0:
+            raise ValueError("temperature and init_std must be > 0, min_std >= 0")
+
+
+@dataclass
+class PlanResult:
+    actions: Tensor  # (H, A) the best sequence found
+    cost: float  # its cost
+    best_costs: list[float]  # lowest cost seen after each iteration (non-increasing)
+    mean: Tensor  # (H, A) the sampling distribution's final mean (for warm starts)
+
+
+RolloutFn = Callable[[Tensor], Any]
+CostFn = Callable[[Any], Tensor]
+
+
+class SamplingPlanner:
+    """Shared loop of CEM and MPPI: sample around a mean, score, refit. The current mean is always
+    one of the candidates, so the best cost never rises and a warm start is never lost."""
+
+    def __init__(self, cfg: PlannerConfig | None = None) -> None:
+        self.cfg = cfg = cfg or PlannerConfig()
+        self.low = torch.tensor(cfg.action_low, dtype=torch.float32)
+        self.high = torch.tensor(cfg.action_high, dtype=torch.float32)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def reset(self) -> None:
+        """Back to the seed: the same problem is then planned identically."""
+        self.generator.manual_seed(self.cfg.seed)
+
+    def plan(self, rollout_fn: RolloutFn, cost_fn: CostFn, warm_start: Tensor | None = None) -> PlanResult:
+        cfg = self.cfg
+        h, a = cfg.horizon, len(cfg.action_low)
+        half = (self.high - self.low) / 2
+        mean = (self.high + self.low).expand(h, a) / 2 if warm_start is None else warm_start.float().clone()
+        if tuple(mean.shape) != (h, a) or not torch.isfinite(mean).all():
+            raise ValueError(f"warm_start must be a finite (horizon, action_dim) = {(h, a)} tensor; got "
+                             f"{tuple(mean.shape)}")
+        mean = mean.clamp(self.low, self.high)
+        std = (cfg.init_std * half).expand(h, a).clone()
+        best, best_cost, history = mean.clone(), float("inf"), []
+        for _ in range(cfg.iterations):
+            noise = torch.randn(cfg.samples, h, a, generator=self.generator)
+            cand = (mean + std * noise).clamp(self.low, self.high)
+            cand[0] = mean
+            cost = self.score(rollout_fn, cost_fn, cand)
+            i = int(torch.argmin(cost))
+            if float(cost[i]) < best_cost:
+                best, best_cost = cand[i].clone(), float(cost[i])
+            history.append(best_cost)
+            mean, std = self.refit(cand, cost, mean, std)
+            std = std.clamp(min=cfg.min_std * half)
+        return PlanResult(actions=best, cost=best_cost, best_costs=history, mean=mean)
+
+    def score(self, rollout_fn: RolloutFn, cost_fn: CostFn, cand: Tensor) -> Tensor:
+        cost = cost_fn(rollout_fn(cand))
+        if not isinstance(cost, Tensor) or cost.shape != (cand.shape[0],):
+            raise ValueError(f"cost_fn must return one cost per candidate, shape ({cand.shape[0]},); got "
+                             f"{getattr(cost, 'shape', type(cost))}")
+        cost = cost.detach().float().cpu()
+        return torch.where(torch.isnan(cost), torch.full_like(cost, float("inf")), cost)
+
+    def refit(self, cand: Tensor, cost: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class CEMPlanner(SamplingPlanner):
+    """Cross-entropy method: refit a diagonal Gaussian to the `elites` cheapest candidates."""
+
+    def refit(self, cand: Tensor, cost: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        elite = cand[torch.topk(cost, self.cfg.elites, largest=False).indices]
+        m = self.cfg.momentum
+        return m * mean + (1 - m) * elite.mean(0), m * std + (1 - m) * elite.std(0, unbiased=False)
+
+
+class MPPIPlanner(SamplingPlanner):
+    """Model-predictive path integral: the new mean is the candidates' average weighted by
+    exp(-cost / lambda); lambda = temperature x the spread of this iteration's costs, so that the
+    temperature does not depend on the cost's units. The sampling spread stays fixed."""
+
+    def refit(self, cand: Tensor, cost: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        finite = torch.isfinite(cost)
+        if not finite.any():
+            return mean, std
+        c = torch.where(finite, cost, cost[finite].max())
+        lam = self.cfg.temperature * c.std().clamp(min=1e-9)
+        w = torch.softmax(-(c - c.min()) / lam, 0)
+        return (w[:, None, None] * cand).sum(0), std
+
+
+def make_planner(cfg: PlannerConfig) -> SamplingPlanner:
+    return CEMPlanner(cfg) if cfg.method == "cem" else MPPIPlanner(cfg)
+
+
+# ---------------------------------------------------------------------------- costs
+
+
+def _horizon_weights(h: int, running: float, device: torch.device) -> Tensor:
+    """Weight of each predicted frame: `running` on every frame, 1 more on the last."""
+    w = torch.full((h,), running, device=device)
+    w[-1] += 1.0
+    return w
+
+
+class SlotGoalCost:
+    """Distance of predicted slots to a goal's slots: the normalised appearance part and the planar
+    position (in POSITION_HUBER_M), per slot, averaged over slots and weighted over the horizon.
+    goal_states (K, Z) in the predictor's state space; `order` (K,) the goal slot matched to each
+    predicted slot (identity by default)."""
+
+    def __init__(self, goal_states: Tensor, model: CausalJEPAPredictor, order: Tensor | None = None,
+                 appearance_weight: float = 1.0, position_weight: float = 1.0, running_weight: float = 0.1) -> None:
+        cfg = model.cfg
+        want = (cfg.num_slots, cfg.state_dim)
+        if not isinstance(goal_states, Tensor) or tuple(goal_states.shape) != want:
+            raise ValueError(f"goal slots must be (K, S + 6) = {want} predictor states (see "
+                             f"CausalJEPAPredictor.encode_states); got {tuple(getattr(goal_states, 'shape', ()))}")
+        if not torch.isfinite(goal_states).all():
+            raise ValueError("goal slots contain NaN or inf")
+        if order is not None:
+            goal_states = goal_states[order]
+        self.goal, self.s = goal_states, cfg.slot_dim
+        self.std = model.slot_std.to(goal_states.device)
+        self.w_app, self.w_pos, self.running = appearance_weight, position_weight, running_weight
+
+    def __call__(self, rollout: Rollout | Tensor) -> Tensor:
+        """rollout states (..., H, K, Z) -> cost (...)."""
+        states = rollout.states if isinstance(rollout, Rollout) else rollout
+        s = self.s
+        app = (((states[..., :s] - self.goal[:, :s]) / self.std) ** 2).mean(-1)
+        pos = (states[..., s:s + 2] - self.goal[:, s:s + 2]).norm(dim=-1) / POSITION_HUBER_M
+        per_frame = (self.w_app * app + self.w_pos * pos).mean(-1)  # (..., H)
+        return (per_frame * _horizon_weights(per_frame.shape[-1], self.running, per_frame.device)).sum(-1)
+
+
+class PositionGoalCost:
+    """Distance (m) of chosen slots' probed positions to target positions, weighted over the horizon,
+    plus `approach_weight` x the pusher's distance to the nearest chosen slot that is not yet at its
+    target (to get behind a box before pushing it needs contact first).
+    targets (G, 2) world frame; slots (G,) the slot of each target's object."""
+
+    def __init__(self, targets: Tensor, slots: Tensor | list[int], num_slots: int, running_weight: float = 0.1,
+                 approach_weight: float = 0.1) -> None:
+        targets = torch.as_tensor(targets, dtype=torch.float32)
+        slots = torch.as_tensor(slots, dtype=torch.long).flatten()
+        if targets.dim() != 2 or targets.shape[1] != 2 or targets.shape[0] < 1:
+            raise ValueError(f"goal positions must be (G, 2) metres; got {tuple(targets.shape)}")
+        if len(slots) != len(targets):
+            raise ValueError(f"one slot per goal position: {len(targets)} positions, {len(slots)} slots")
+        if len(slots) and (slots.min() < 0 or slots.max() >= num_slots):
+            raise ValueError(f"slot indices must be in [0, {num_slots}); got {slots.tolist()}")
+        if not torch.isfinite(targets).all():
+            raise ValueError("goal positions contain NaN or inf")
+        self.targets, self.slots = targets, slots
+        self.running, self.approach = running_weight, approach_weight
+
+    def __call__(self, rollout: Rollout) -> Tensor:
+        pos = rollout.positions[..., self.slots, :]  # (..., H, G, 2)
+        err = (pos - self.targets.to(pos.device)).norm(dim=-1)  # (..., H, G)
+        per_frame = err.sum(-1)
+        cost = (per_frame * _horizon_weights(per_frame.shape[-1], self.running, per_frame.device)).sum(-1)
+        if self.approach > 0:
+            r = rollout.robot
+            pusher = r[..., :2] + PUSHER_OFFSET * r[..., 2:4]  # (..., H, 2)
+            gap = (pos - pusher.unsqueeze(-2)).norm(dim=-1)  # (..., H, G)
+            gap = torch.where(err > 0.05, gap, torch.full_like(gap, 0.0))
+            cost = cost + self.approach * gap.min(-1).values.mean(-1)
+        return cost
+
+
+def match_slots(current: Tensor, goal: Tensor, slot_std: Tensor, slot_dim: int) -> Tensor:
+    """The goal slot for each current slot (K,), by Hungarian assignment on normalised appearance
+    distance (positions change on the way to a goal; what an object looks like does not)."""
+    a = current[:, :slot_dim] / slot_std
+    b = goal[:, :slot_dim] / slot_std
+    cost = torch.cdist(a[None], b[None])[0].cpu().numpy()
+    rows, cols = linear_sum_assignment(cost)
+    order = np.empty(len(rows), np.int64)
+    order[rows] = cols
+    return torch.from_numpy(order)
+
+
+# ---------------------------------------------------------------------------- the controller
+
+
+class LatentPlanner:
+    """A `Controller` that plans in slot space: reset(obs, info), act(obs, info) -> (2,) action.
+
+    goal = "state": at reset the goal positions (info["goal"]) and the boxes to push are read from
+        `info` as the task's specification (as a benchmark hands it over); the box's slot is the one
+        whose probed position is nearest to the box, and from then on the slot is followed by its
+        identity. Or call `set_goal_state(targets, slots)` yourself.
+    goal = "observation": call `set_goal_observation(obs)` (an observation of the goal scene)."""
+
+    def __init__(self, encoder: torch.nn.Module, predictor: CausalJEPAPredictor, cfg: PlannerConfig | None = None,
+                 goal: str = "state", device: str | torch.device = "cpu") -> None:
+        if goal not in ("state", "observation"):
+            raise ValueError(f"goal must be 'state' or 'observation'; got {goal!r}")
+        self.encoder, self.predictor = encoder.eval(), predictor.eval()
+        self.cfg = cfg or PlannerConfig()
+        self.planner = make_planner(self.cfg)
+        self.goal_mode, self.device = goal, torch.device(device)
+        self.cost: Callable[[Rollout], Tensor] | None = None
+        self._goal_states: Tensor | None = None
+        self._reset_buffers()
+
+    def _reset_buffers(self) -> None:
+        self.stream = None
+        self.features: list[Tensor] = []  # per env step (K, F)
+        self.cam_pose: list[Tensor] = []
+        self.proprio: list[Tensor] = []
+        self.executed: list[Tensor] = []  # (2,) per env step
+        self.queue: list[np.ndarray] = []
+        self.warm: Tensor | None = None
+        self.last_plan: PlanResult | None = None
+
+    # -- goals ---------------------------------------------------------------------
+
+    def set_goal_state(self, targets: Tensor | np.ndarray, slots: list[int] | Tensor) -> None:
+        self.cost = PositionGoalCost(torch.as_tensor(np.asarray(targets), dtype=torch.float32), slots,
+                                     self.predictor.cfg.num_slots)
+        self._goal_states = None
+
+    @torch.no_grad()
+    def set_goal_observation(self, obs: dict[str, np.ndarray]) -> None:
+        out, _ = self.encoder.step(*self._frame(obs))
+        self._goal_states = self.predictor.encode_states(out.features)[0, 0]  # (K, Z)
+        self.cost = None
+
+    def slots_near(self, positions: np.ndarray) -> list[int]:
+        """The slot whose probed position is nearest to each of positions (G, 2), all different."""
+        if not self.features:
+            raise RuntimeError("no observation encoded yet: call reset(obs, info) first")
+        with torch.no_grad():
+            pos, _ = self.predictor.probe(self.features[-1])
+        d = torch.cdist(torch.as_tensor(np.asarray(positions, np.float32))[:, :2], pos.cpu())
+        rows, cols = linear_sum_assignment(d.numpy())
+        return [int(c) for _, c in sorted(zip(rows, cols))]
+
+    # -- the Controller interface ----------------------------------------------------
+
+    def reset(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> None:
+        self._reset_buffers()
+        self.planner.reset()
+        self._observe(obs)
+        if self.goal_mode == "state" and info is not None and "goal" in info:
+            goal = np.asarray(info["goal"], np.float32).reshape(-1, 2)
+            pushable = [0] if len(goal) == 1 and not info.get("formation") else [1, 2, 3]
+            boxes = np.asarray(info["object_poses"], np.float32)[pushable, :2]
+            self.set_goal_state(goal, self.slots_near(boxes))
+
+    def act(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> np.ndarray:
+        if len(self.features) == len(self.executed):  # reset() already encoded the first observation
+            self._observe(obs)
+        if not self.queue:
+            self._replan()
+        action = self.queue.pop(0)
+        self.executed.append(torch.as_tensor(action))
+        return action
+
+    # -- planning ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _observe(self, obs: dict[str, np.ndarray]) -> None:
+        out, self.stream = self.encoder.step(*self._frame(obs), self.stream)
+        self.features.append(out.features[0, 0].float())
+        self.cam_pose.append(torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device))
+        proprio = obs.get("proprio")
+        self.proprio.append(torch.zeros(4, device=self.device) if proprio is None
+                            else torch.as_tensor(proprio, dtype=torch.float32, device=self.device))
+
+    def _frame(self, obs: dict[str, np.ndarray]) -> tuple[Tensor, ...]:
+        return tuple(torch.as_tensor(np.asarray(obs[k]), device=self.device).unsqueeze(0)
+                     for k in ("rgb", "depth", "intrinsics", "cam_pose"))
+
+    def history(self) -> dict[str, Tensor]:
+        """The rollout's history: up to `history` frames `frameskip` steps apart, ending now."""
+        pc = self.predictor.cfg
+        now = len(self.features) - 1
+        idx = list(range(now, -1, -pc.frameskip))[:pc.history][::-1]
+        out = {"features": torch.stack([self.features[i] for i in idx])[None],
+               "cam_pose": torch.stack([self.cam_pose[i] for i in idx])[None],
+               "proprio": torch.stack([self.proprio[i] for i in idx])[None]}
+        if len(idx) > 1:
+            out["past_actions"] = torch.stack([torch.stack(self.executed[i:i + pc.frameskip])
+                                               for i in idx[:-1]])[None].to(self.device)
+        return out
+
+    @torch.no_grad()
+    def _replan(self) -> None:
+        pc, cfg = self.predictor.cfg, self.cfg
+        hist = self.history()
+        if self._goal_states is not None:
+            current = self.predictor.encode_states(hist["features"][:, -1:])[0, 0]
+            order = match_slots(current, self._goal_states, self.predictor.slot_std, pc.slot_dim)
+            self.cost = SlotGoalCost(self._goal_states, self.predictor, order)
+        if self.cost is None:
+            raise RuntimeError("no goal: reset with a goal in info, or call set_goal_state / set_goal_observation")
+
+        def rollout_fn(cand: Tensor) -> Rollout:  # (N, H, A) per predictor frame -> held for frameskip steps
+            env_actions = cand.to(self.device).repeat_interleave(pc.frameskip, 1)[None]
+            r = self.predictor.rollout(hist["features"], env_actions, cam_pose=hist["cam_pose"],
+                                       proprio=hist["proprio"], past_actions=hist.get("past_actions"))
+            return Rollout(states=r.states[0], robot=r.robot[0], slot_dim=r.slot_dim)
+
+        result = self.planner.plan(rollout_fn, self.cost, self.warm)
+        self.last_plan = result
+        ex = cfg.execute
+        self.warm = torch.cat([result.actions[ex:], result.actions[-1:].expand(ex, -1)], 0)
+        chunk = result.actions[:ex].repeat_interleave(pc.frameskip, 0)
+        self.queue = [a.numpy().astype(np.float32) for a in chunk]
+
+
+def make_latent_planner(predictor: str, encoder: str | None = None, goal: str = "state", device: str = "cpu",
+                        **planner: Any) -> LatentPlanner:
+    """A `LatentPlanner` from checkpoint directories (a Hydra `_target_` for sim's evaluation and viewer);
+    the encoder defaults to the one the predictor was trained on."""
+    from worldmodel.train import load_encoder
+    from worldmodel.train_predictor import load_predictor
+
+    model, config = load_predictor(predictor, device, with_config=True)
+    enc = load_encoder(encoder or config["encoder"], device)
+    return LatentPlanner(enc, model, PlannerConfig(**planner), goal=goal, device=device)
