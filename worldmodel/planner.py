@@ -322,6 +322,17 @@ class LatentPlanner:
         self.executed.append(torch.as_tensor(action))
         return action
 
+    def planned_actions(self) -> np.ndarray | None:
+        """(L, 2) the env-step actions this controller takes from now on if nothing changes: the rest
+        of the chunk being executed, then the rest of the last plan (each predictor frame held
+        `frameskip` steps, as they would be executed); None before the first plan. `ego-view` draws it
+        as the base path and forecasts the objects along it."""
+        if self.last_plan is None:
+            return None
+        rest = self.last_plan.actions[self.cfg.execute:].repeat_interleave(self.predictor.cfg.frameskip, 0)
+        chunk = [np.asarray(a, np.float32).reshape(1, 2) for a in self.queue]
+        return np.concatenate(chunk + [rest.cpu().numpy().astype(np.float32).reshape(-1, 2)])
+
     # -- planning ------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -375,13 +386,25 @@ class LatentPlanner:
         self.queue = [a.numpy().astype(np.float32) for a in chunk]
 
 
-def make_latent_planner(predictor: str, encoder: str | None = None, goal: str = "state", device: str = "cpu",
-                        **planner: Any) -> LatentPlanner:
+def make_latent_planner(predictor: str | None = None, encoder: str | None = None, goal: str = "state",
+                        device: str = "cpu", checkpoint: str | None = None, **planner: Any) -> LatentPlanner:
     """A `LatentPlanner` from checkpoint directories (a Hydra `_target_` for sim's evaluation and viewer);
-    the encoder defaults to the one the predictor was trained on."""
+    the encoder defaults to the one the predictor was trained on. `checkpoint` is another name for
+    `predictor` (the key `ego-view` checks for existence before building a controller)."""
+    from pathlib import Path
+
     from worldmodel.train import load_encoder
     from worldmodel.train_predictor import load_predictor
 
+    if predictor is not None and checkpoint is not None and Path(predictor) != Path(checkpoint):
+        raise ValueError(f"predictor={predictor!r} and checkpoint={checkpoint!r} name different checkpoints")
+    predictor = predictor if predictor is not None else checkpoint
+    if predictor is None:
+        raise ValueError("make_latent_planner needs the predictor checkpoint directory (predictor=... or checkpoint=...)")
     model, config = load_predictor(predictor, device, with_config=True)
-    enc = load_encoder(encoder or config["encoder"], device)
+    encoder = encoder or config.get("encoder")
+    if not encoder or not Path(encoder).exists():
+        raise ValueError(f"the predictor {predictor} was trained on the encoder {encoder!r}, which does not exist "
+                         f"here; pass encoder=<encoder checkpoint directory>")
+    enc = load_encoder(encoder, device)
     return LatentPlanner(enc, model, PlannerConfig(**planner), goal=goal, device=device)

@@ -33,9 +33,21 @@ from torch import Tensor, nn
 
 from sim.env import ACTION_HIGH, CONTROL_HZ
 from worldmodel.attention import BlockSparseAttention, block_sparse_attention
-from worldmodel.physics import (HEADING_SYMMETRY, PHYS_DIM, POSITION_SCALE_M, SPEED_SCALE, FreeDynamics,
-                                InteractionDynamics, PhysicalProbe, acceleration_smoothness, finite_difference_states, gate_sparsity,
-                                integrate_robot, physical_features, robot_from_camera)
+from worldmodel.physics import (
+    HEADING_SYMMETRY,
+    PHYS_DIM,
+    POSITION_SCALE_M,
+    SPEED_SCALE,
+    FreeDynamics,
+    InteractionDynamics,
+    PhysicalProbe,
+    acceleration_smoothness,
+    finite_difference_states,
+    gate_sparsity,
+    integrate_robot,
+    physical_features,
+    robot_from_camera,
+)
 
 POSITION_HUBER_M = 0.05  # position losses are Huber in units of this (about 1 at a few centimetres)
 MIN_OBJECT_PIXELS = 20  # an object counts as seen in a frame from this many segmentation pixels

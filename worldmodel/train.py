@@ -11,9 +11,7 @@ resumes from the last checkpoint; a finished run is left as it is.
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +22,12 @@ import torch
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from sim.collect import check_choice, to_config
 from worldmodel.checkpoint import load_state_strict, read_checkpoint, read_json, save_checkpoint
 from worldmodel.data import FRAME_KEYS, Clips
 from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
+from worldmodel.loop import Progress, finished, fit
 from worldmodel.objectives import encoder_loss
 from worldmodel.train_predictor import PredictorStageConfig
 
@@ -144,23 +142,7 @@ def _dist_setup(device: str) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def _broadcast_flag(flag: bool, world: int, dev: torch.device) -> bool:
-    if world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=dev)
-    dist.broadcast(t, 0)
-    return bool(t.item())
-
-
 # ---------------------------------------------------------------------------- training
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% over `steps`."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def _check(cfg: WorldModelTrainConfig) -> None:
@@ -212,67 +194,33 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
     stats = state["stats"] if state else clips.rgbd_stats(seed=tc.seed)
     model = ObjectCentricEncoder(cfg.model, stats).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    step, train_s, history = 0, 0.0, []
+    progress = Progress()
     if state:
         load_state_strict(model, {k: v.to(dev) for k, v in state["weights"].items()}, out)
         opt.load_state_dict(state["train_state"]["optimizer"])
-        step, train_s = state["train_state"]["step"], state["train_state"]["train_seconds"]
-        history = state["metrics"].get("history", [])
-    last = min(tc.steps, tc.stop_at) if tc.stop_at > 0 else tc.steps
-    done = step >= last or (tc.time_budget_min > 0 and train_s >= tc.time_budget_min * 60)
+        progress = Progress(state["train_state"]["step"], state["train_state"]["train_seconds"],
+                            state["metrics"].get("history", []))
+    done = finished(progress, tc)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    torch.manual_seed(tc.seed * 1000 + rank + step)
-
-    writer = None
-    if main and not done:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"), purge_step=step)
+    torch.manual_seed(tc.seed * 1000 + rank + progress.step)
     resolved = _resolved(cfg)
-    bar = tqdm(total=last, initial=step, desc=f"ego-train-wm {cfg.stage}", unit="step", disable=not (main and cfg.progress),
-               dynamic_ncols=True)
-    parts: dict[str, float] = {}
-    stop = done
-    try:
-        while not stop:
-            t0 = time.perf_counter()
-            rng = np.random.default_rng([tc.seed, rank, step])  # resumable sampling, different per rank
-            batch = clips.batch(rng.choice(starts, size=tc.batch_size), tc.clip_len, device=dev)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, tc)
-            out_ = ddp(batch["rgb"], batch["depth"], batch["intrinsics"], batch["cam_pose"])
-            loss, parts = encoder_loss(out_, batch, tc.depth_weight, tc.mask_weight, tc.boundary_weight,
-                                       tc.center_weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; last parts {parts}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            opt.step()
-            step += 1
-            train_s += time.perf_counter() - t0
-            if main:
-                bar.update(1)
-                if step % tc.log_every == 0 or step == 1:
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
-                    for k, v in parts.items():
-                        writer.add_scalar(f"{cfg.stage}/{k}", v, step)
-                    writer.add_scalar(f"{cfg.stage}/lr", lr_at(step - 1, tc), step)
-                    writer.add_scalar(f"{cfg.stage}/grad_norm", gnorm, step)
-                    history.append({"step": step, "train_s": round(train_s, 1), **parts})
-            over = tc.time_budget_min > 0 and train_s >= tc.time_budget_min * 60
-            stop = _broadcast_flag(step >= last or over, world, dev)
-            if main and (step % tc.ckpt_every == 0 or stop):
-                metrics = _metrics(step, train_s, history, parts, world, tc) | {"finished": stop}
-                save_checkpoint(out, model, resolved, stats, metrics,
-                                train_state={"optimizer": opt.state_dict(), "step": step, "train_seconds": train_s})
-    finally:
-        bar.close()
-        if writer:
-            writer.close()
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        rng = np.random.default_rng([tc.seed, rank, step])  # resumable sampling, different per rank
+        batch = clips.batch(rng.choice(starts, size=tc.batch_size), tc.clip_len, device=dev)
+        out_ = ddp(batch["rgb"], batch["depth"], batch["intrinsics"], batch["cam_pose"])
+        return encoder_loss(out_, batch, tc.depth_weight, tc.mask_weight, tc.boundary_weight, tc.center_weight)
+
+    def save(parts: dict[str, float], final: bool) -> None:
+        metrics = _metrics(progress.step, progress.train_s, progress.history, parts, world, tc) | {"finished": final}
+        save_checkpoint(out, model, resolved, stats, metrics, train_state={
+            "optimizer": opt.state_dict(), "step": progress.step, "train_seconds": progress.train_s})
+
+    parts = fit(progress, tc, opt=opt, params=list(model.parameters()), loss_fn=loss_fn, save=save, tag=cfg.stage,
+                out=out, main=main, world=world, dev=dev, show_progress=cfg.progress)
     if world > 1:
         dist.barrier()
-    metrics = _metrics(step, train_s, history, parts, world, tc)
+    metrics = _metrics(progress.step, progress.train_s, progress.history, parts, world, tc)
     if main and not done:
         write_report(out, cfg, metrics)
     return metrics

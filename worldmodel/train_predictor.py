@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from worldmodel.checkpoint import load_state_strict, read_checkpoint, read_json, save_checkpoint
+from worldmodel.loop import Progress, finished, fit
 from worldmodel.predictor import CausalJEPAPredictor, PredictorConfig, predictor_config_dict, predictor_loss
 
 CACHE_VERSION = 1
@@ -201,7 +201,7 @@ def slot_stats(cache: dict[str, np.ndarray], slot_dim: int) -> dict[str, list[fl
 
 def train_predictor(cfg: Any) -> dict[str, Any]:
     """Train (or resume) the predictor; cfg is a `worldmodel.train.WorldModelTrainConfig` with stage=predictor."""
-    from worldmodel.train import _broadcast_flag, _dist_setup, dataset_paths, load_encoder, lr_at
+    from worldmodel.train import _dist_setup, dataset_paths, load_encoder
 
     pc: PredictorStageConfig = cfg.predictor
     if pc.steps < 1 or pc.batch_size < 1:
@@ -239,66 +239,33 @@ def train_predictor(cfg: Any) -> dict[str, Any]:
     model = CausalJEPAPredictor(mcfg, stats).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
-    step, train_s, history = 0, 0.0, []
+    progress = Progress()
     if state:
         load_state_strict(model, {k: v.to(dev) for k, v in state["weights"].items()}, out)
         opt.load_state_dict(state["train_state"]["optimizer"])
-        step, train_s = state["train_state"]["step"], state["train_state"]["train_seconds"]
-        history = state["metrics"].get("history", [])
-    last = min(pc.steps, pc.stop_at) if pc.stop_at > 0 else pc.steps
-    done = step >= last or (pc.time_budget_min > 0 and train_s >= pc.time_budget_min * 60)
+        progress = Progress(state["train_state"]["step"], state["train_state"]["train_seconds"],
+                            state["metrics"].get("history", []))
+    done = finished(progress, pc)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-
-    writer = None
-    if main and not done:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"), purge_step=step)
     resolved = _resolved(cfg, mcfg)
-    bar = tqdm(total=last, initial=step, desc="ego-train-wm predictor", unit="step",
-               disable=not (main and cfg.progress), dynamic_ncols=True)
-    parts: dict[str, float] = {}
-    stop = done
-    try:
-        while not stop:
-            t0 = time.perf_counter()
-            rng = np.random.default_rng([pc.seed, rank, step])  # resumable sampling, different per rank
-            batch = sample_windows(cache, mcfg, pc.batch_size, rng, dev)
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, pc)
-            loss, parts = _loss(ddp, model, batch, gen)
-            if not np.isfinite(parts["loss"]):
-                raise FloatingPointError(f"loss is {parts['loss']} at step {step}; last parts {parts}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, pc.grad_clip))
-            opt.step()
-            model.update_target()
-            step += 1
-            train_s += time.perf_counter() - t0
-            if main:
-                bar.update(1)
-                if step % pc.log_every == 0 or step == 1:
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items() if k in ("loss", "future_object_err_m")})
-                    for k, v in parts.items():
-                        writer.add_scalar(f"predictor/{k}", v, step)
-                    writer.add_scalar("predictor/lr", lr_at(step - 1, pc), step)
-                    writer.add_scalar("predictor/grad_norm", gnorm, step)
-                    history.append({"step": step, "train_s": round(train_s, 1), **parts})
-            over = pc.time_budget_min > 0 and train_s >= pc.time_budget_min * 60
-            stop = _broadcast_flag(step >= last or over, world, dev)
-            if main and (step % pc.ckpt_every == 0 or stop):
-                metrics = _metrics(step, train_s, history, parts, world, pc) | {"finished": stop}
-                save_checkpoint(out, model, resolved, stats, metrics,
-                                train_state={"optimizer": opt.state_dict(), "step": step, "train_seconds": train_s})
-    finally:
-        bar.close()
-        if writer:
-            writer.close()
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        rng = np.random.default_rng([pc.seed, rank, step])  # resumable sampling, different per rank
+        batch = sample_windows(cache, mcfg, pc.batch_size, rng, dev)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        return _loss(ddp, model, batch, gen)
+
+    def save(parts: dict[str, float], final: bool) -> None:
+        metrics = _metrics(progress.step, progress.train_s, progress.history, parts, world, pc) | {"finished": final}
+        save_checkpoint(out, model, resolved, stats, metrics, train_state={
+            "optimizer": opt.state_dict(), "step": progress.step, "train_seconds": progress.train_s})
+
+    parts = fit(progress, pc, opt=opt, params=params, loss_fn=loss_fn, save=save, tag="predictor", out=out,
+                main=main, world=world, dev=dev, show_progress=cfg.progress, after_step=model.update_target,
+                postfix=("loss", "future_object_err_m"))
     if world > 1:
         dist.barrier()
-    metrics = _metrics(step, train_s, history, parts, world, pc)
+    metrics = _metrics(progress.step, progress.train_s, progress.history, parts, world, pc)
     if main and not done:
         write_report(out, cfg, mcfg, metrics)
     return metrics
