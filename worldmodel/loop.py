@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
+
+from worldmodel.checkpoint import load_state_strict
 
 
 class Schedule(Protocol):
@@ -41,6 +43,18 @@ class Progress:
     step: int = 0
     train_s: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def restore(state: dict[str, Any] | None, model: torch.nn.Module, opt: torch.optim.Optimizer, out: Path,
+            dev: torch.device) -> Progress:
+    """Load a resumed run's weights and optimiser state (state: checkpoint weights, metrics and
+    train_state, as the stages read them from `out`); a fresh Progress when there is none."""
+    if not state:
+        return Progress()
+    load_state_strict(model, {k: v.to(dev) for k, v in state["weights"].items()}, out)
+    opt.load_state_dict(state["train_state"]["optimizer"])
+    return Progress(state["train_state"]["step"], state["train_state"]["train_seconds"],
+                    state["metrics"].get("history", []))
 
 
 def lr_at(step: int, cfg: Schedule) -> float:

@@ -27,7 +27,7 @@ from sim.collect import check_choice, to_config
 from worldmodel.checkpoint import load_state_strict, read_checkpoint, read_json, save_checkpoint
 from worldmodel.data import FRAME_KEYS, Clips
 from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
-from worldmodel.loop import Progress, finished, fit
+from worldmodel.loop import finished, fit, restore
 from worldmodel.objectives import encoder_loss
 from worldmodel.train_predictor import PredictorStageConfig
 
@@ -194,12 +194,7 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
     stats = state["stats"] if state else clips.rgbd_stats(seed=tc.seed)
     model = ObjectCentricEncoder(cfg.model, stats).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    progress = Progress()
-    if state:
-        load_state_strict(model, {k: v.to(dev) for k, v in state["weights"].items()}, out)
-        opt.load_state_dict(state["train_state"]["optimizer"])
-        progress = Progress(state["train_state"]["step"], state["train_state"]["train_seconds"],
-                            state["metrics"].get("history", []))
+    progress = restore(state, model, opt, out, dev)
     done = finished(progress, tc)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     torch.manual_seed(tc.seed * 1000 + rank + progress.step)

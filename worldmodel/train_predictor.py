@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from worldmodel.checkpoint import load_state_strict, read_checkpoint, read_json, save_checkpoint
-from worldmodel.loop import Progress, finished, fit
+from worldmodel.loop import finished, fit, restore
 from worldmodel.predictor import CausalJEPAPredictor, PredictorConfig, predictor_config_dict, predictor_loss
 
 CACHE_VERSION = 1
@@ -239,12 +239,7 @@ def train_predictor(cfg: Any) -> dict[str, Any]:
     model = CausalJEPAPredictor(mcfg, stats).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
-    progress = Progress()
-    if state:
-        load_state_strict(model, {k: v.to(dev) for k, v in state["weights"].items()}, out)
-        opt.load_state_dict(state["train_state"]["optimizer"])
-        progress = Progress(state["train_state"]["step"], state["train_state"]["train_seconds"],
-                            state["metrics"].get("history", []))
+    progress = restore(state, model, opt, out, dev)
     done = finished(progress, pc)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     resolved = _resolved(cfg, mcfg)
