@@ -42,6 +42,8 @@ def main() -> None:
                              "latency does not depend on them), where block-sparse attention has more to skip")
     parser.add_argument("--attention-tokens", type=int, nargs="*", default=[128, 512, 2048],
                         help="time the attention op alone, dense vs block-sparse, at these token counts")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="measure fg_ari / probe / identity only, no timing (e.g. an ablation's checkpoints)")
     parser.add_argument("--figure", default=None, help="write a PNG of slot masks on a held-out clip per checkpoint "
                         "(DIR/<rope>.png)")
     args = parser.parse_args()
@@ -62,8 +64,9 @@ def main() -> None:
     from worldmodel.train import load_encoder, train
 
     tuned = keep_freed_memory()  # as an inference process would; applies to dense and sparse alike
-    attention_timing(args.attention_tokens if not args.quick else [128, 512], repeats=5 if args.quick else 30,
-                     malloc_keep_freed=tuned)
+    if not args.quality_only:
+        attention_timing(args.attention_tokens if not args.quick else [128, 512], repeats=5 if args.quick else 30,
+                         malloc_keep_freed=tuned)
     checkpoints = args.checkpoint
     if not checkpoints:
         if args.quick:
@@ -102,6 +105,10 @@ def main() -> None:
                  **common)
             emit(BENCH, "slot_identity_consistency", m["slot_identity_consistency"], "fraction", attention=mode,
                  object_steps=m["identity_object_steps"], target=0.95, **common)
+        if args.quality_only:
+            if args.figure:
+                print(f"# figure: {slot_figure(model, clips, Path(args.figure) / f'{cfg.rope}.png')}", flush=True)
+            continue
         lat = stream_latency(model, clips, frames=10 if args.quick else 30, repeats=2 if args.quick else 5)
         for mode in ("dense", "sparse"):
             emit(BENCH, "encoder_ms_per_frame", lat[f"{mode}_ms"], "ms", attention=mode, batch=1,
