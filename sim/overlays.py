@@ -11,7 +11,9 @@ and unlit, so that each overlay keeps one exact, recognisable colour on screen:
 
 World-model overlays come from an *overlay provider* (any object with `reset(obs, info)`
 and `update(obs, planned_actions) -> OverlayFrame`), named by a Hydra `_target_` so that
-`sim` never imports the learners (see `worldmodel.overlay.SlotOverlay`).
+`sim` never imports the learners (see `worldmodel.overlay.SlotOverlay` and `PredictionOverlay`).
+A provider may also define `observe_action(action)`: the viewer calls it with every action the
+robot executed, before the `update` that sees the observation it led to.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class OverlayFrame:
 
 @runtime_checkable
 class OverlayProvider(Protocol):
-    """A world-model view of the scene, drawn by `ego-view`; built from a Hydra `_target_`."""
+    """A world-model view of the scene, drawn by `ego-view`; built from a Hydra `_target_`.
+    Optional: `observe_action(action)`, called with each executed action (see the module docstring)."""
 
     def reset(self, obs: dict[str, np.ndarray], info: dict[str, Any]) -> None: ...
 

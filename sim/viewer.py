@@ -92,11 +92,15 @@ END_HOLD_S = 1.0  # the window shows an episode's end this long before the next 
 
 def _default_controllers() -> dict[str, Any]:
     return {"expert": {"_target_": "sim.experts.PushExpert"},
-            "teleop": {"_target_": "sim.teleop.KeyboardTeleop", "dv": 0.05, "dw": 0.4}}
+            "teleop": {"_target_": "sim.teleop.KeyboardTeleop", "dv": 0.05, "dw": 0.4},
+            "planner": {"_target_": "worldmodel.planner.make_latent_planner", "checkpoint": "runs/wm_predictor",
+                        "samples": 64, "iterations": 3, "elites": 8}}
 
 
 def _default_overlays() -> dict[str, Any]:
-    return {"slots": {"_target_": "worldmodel.overlay.SlotOverlay", "checkpoint": "runs/wm_encoder"}}
+    return {"slots": {"_target_": "worldmodel.overlay.SlotOverlay", "checkpoint": "runs/wm_encoder"},
+            "predicted": {"_target_": "worldmodel.overlay.PredictionOverlay", "checkpoint": "runs/wm_predictor",
+                          "points": False}}
 
 
 @dataclass
@@ -110,8 +114,8 @@ class ViewConfig:
     max_steps: int | None = None  # None: the task's default time limit
     randomize: bool = False  # all domain randomisation on
     # name -> Hydra `_target_` config; F9 cycles through them in this order. An entry with a
-    # `checkpoint` that does not exist is left out (with a notice), so defaults work from nothing;
-    # an entry set to None is off.
+    # `checkpoint` that does not exist (or holds no model.safetensors yet) is left out (with a
+    # notice), so defaults work from nothing; an entry set to None is off.
     controllers: dict[str, Any] = field(default_factory=_default_controllers)
     controller: str = "expert"  # the one driving at the start
     # name -> `_target_` of a world-model overlay provider (sim.overlays.OverlayProvider); same rule
@@ -164,8 +168,17 @@ def _check(cfg: ViewConfig) -> None:
 
 
 def _missing_checkpoint(entry: Mapping[str, Any]) -> str | None:
+    """Why the entry's `checkpoint` is not there (None: it is, or the entry names none). A run directory
+    without its weights yet (a training before its first checkpoint) counts as missing."""
     path = entry.get("checkpoint")
-    return None if path is None or Path(str(path)).exists() else str(path)
+    if path is None:
+        return None
+    p = Path(str(path))
+    if not p.exists():
+        return f"{path} does not exist"
+    if p.is_dir() and not (p / "model.safetensors").exists():
+        return f"{path} holds no model.safetensors yet"
+    return None
 
 
 def _instantiate(kind: str, name: str, entry: Mapping[str, Any]) -> Any:
@@ -272,8 +285,8 @@ class ViewerSession:
             missing = _missing_checkpoint(entry)
             if missing is not None:
                 if name == required:
-                    raise ValueError(f"{kind} {name!r} is not available: its checkpoint {missing} does not exist")
-                self.log(f"{kind} {name!r} is off: its checkpoint {missing} does not exist")
+                    raise ValueError(f"{kind} {name!r} is not available: its checkpoint {missing}")
+                self.log(f"{kind} {name!r} is off: its checkpoint {missing}")
                 continue
             built[name] = _instantiate(kind, name, {k: v for k, v in entry.items()})
         return built
@@ -317,6 +330,10 @@ class ViewerSession:
         self.act_ms[name] = (ms, avg + 0.1 * (ms - avg))  # exponential average over ~10 steps
         label = recorded_action(ctrl, action)
         obs, reward, terminated, truncated, info = self.env.step(action)
+        for provider in self.overlays.values():  # providers that keep a history see what was executed
+            hook = getattr(provider, "observe_action", None)
+            if callable(hook):
+                hook(action)
         if self.recording is not None:
             self.recording.add(self.obs, self.info, label, action, float(reward), info, name)
         self.obs, self.info, self.last_action = obs, info, action

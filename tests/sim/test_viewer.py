@@ -350,8 +350,9 @@ def test_slot_overlay_reports_world_points(tiny_encoder):
         big.close()
 
 
-def test_trajectories_and_plans_become_markers(tmp_path):
+def test_trajectories_and_plans_become_markers(tmp_path, monkeypatch):
     """A provider's predicted trajectories are drawn; a controller's planned_actions() drives the path."""
+    monkeypatch.chdir(tmp_path)  # no runs/wm_* checkpoints here: only the expert and teleop are built
 
     class Straight:
         def reset(self, obs, info):
@@ -387,7 +388,12 @@ def test_yaml_defaults_match_the_dataclass():
 
     with initialize_config_dir(config_dir=str(ROOT / "sim" / "conf"), version_base="1.3"):
         cfg = compose(config_name="view", overrides=["controller=teleop", "~overlays.slots"])
-    assert to_config(cfg, ViewConfig) == ViewConfig(controller="teleop", overlays={})
+    predicted = ViewConfig().overlays["predicted"]
+    assert to_config(cfg, ViewConfig) == ViewConfig(controller="teleop", overlays={"predicted": predicted})
+    # F9 order expert -> teleop -> planner; the planner and the predicted tracks join with runs/wm_predictor
+    assert list(cfg.controllers) == ["expert", "teleop", "planner"]
+    assert cfg.controllers.planner._target_ == "worldmodel.planner.make_latent_planner"
+    assert cfg.controllers.planner.checkpoint == cfg.overlays.predicted.checkpoint == "runs/wm_predictor"
 
 
 def test_unicycle_integration_is_exact():
@@ -401,11 +407,15 @@ def test_unicycle_integration_is_exact():
 def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="task must be one of 'single', 'formation'; got 'push'"):
         ViewerSession(task="push", overlays={"slots": None})
-    with pytest.raises(ValueError, match="controller must be one of 'expert', 'teleop'; got 'policy'"):
+    with pytest.raises(ValueError, match="controller must be one of 'expert', 'teleop', 'planner'; got 'policy'"):
         ViewerSession(controller="policy", overlays={"slots": None})
     with pytest.raises(ValueError, match="controller 'policy' is not available: its checkpoint .* does not exist"):
         ViewerSession(controller="policy", overlays={"slots": None},
                       controllers={"policy": {"_target_": "x.Policy", "checkpoint": str(tmp_path / "none")}})
+    (tmp_path / "training" / "cache").mkdir(parents=True)  # a run before its first checkpoint
+    with pytest.raises(ValueError, match="'policy' is not available: its checkpoint .* holds no model.safetensors"):
+        ViewerSession(controller="policy", overlays={"slots": None},
+                      controllers={"policy": {"_target_": "x.Policy", "checkpoint": str(tmp_path / "training")}})
     with pytest.raises(ValueError, match="controller 'broken' .*could not be built"):
         ViewerSession(controllers={"broken": {"_target_": "sim.nothing.Here"}}, controller="broken",
                       overlays={"slots": None})
