@@ -87,6 +87,7 @@ class EncoderOutput:
     masks: Tensor  # (B, T, K, H, W) per-pixel alpha, sums to 1 over K
     recon: Tensor  # (B, T, 4, H, W) reconstructed normalised RGB-D
     attn: Tensor | None = None  # (B, T, K, N) last slot-attention weights, normalised over slots
+    # "target": (B, T, 4, H, W) the normalised input; "pixels": (B, T, K) valid-depth pixels each slot wins
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -405,7 +406,7 @@ class ObjectCentricEncoder(nn.Module):
         if self.center is not None:
             geometry = self.center(slots, geometry, pixels)
         return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon, attn=attn,
-                             extras={"target": x_in})
+                             extras={"target": x_in, "pixels": pixels})
 
     # -- streaming (robot) -----------------------------------------------------
 

@@ -106,7 +106,7 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[st
                     multi.append(a)
                 won = clip["masks"][t].argmax(0)
                 purity += [np.bincount(won[seg == o]).max() / (seg == o).sum() for o in objs]
-            m = match_objects(clip["masks"][t], clip["segmentation"][t], n_obj, min_pixels)
+            m = match_objects(clip["masks"][t], seg, n_obj, min_pixels)
             matches.append(m)
             for o, s in m.items():
                 pose = clip["object_poses"][t, o]
@@ -136,15 +136,16 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[st
         centre_err = np.linalg.norm(x[:, -5:-3] - y, axis=1)
         result["center_median_err_m"] = float(np.median(centre_err))
         if train.any() and (~train).any():
-            w, ridge = fit_linear_probe_cv(x[train], y[train], g[train])
-            err = np.linalg.norm(apply_linear_probe(w, x[~train]) - y[~train], axis=1)
+            def probe(cols: slice) -> tuple[np.ndarray, float]:
+                w, ridge = fit_linear_probe_cv(x[train][:, cols], y[train], g[train])
+                return np.linalg.norm(apply_linear_probe(w, x[~train][:, cols]) - y[~train], axis=1), ridge
+
+            err, ridge = probe(slice(None))
             result |= {"probe_median_err_m": float(np.median(err)), "probe_mean_err_m": float(err.mean()),
                        "probe_ridge": ridge, "probe_train_samples": int(train.sum()),
-                       "probe_test_samples": int((~train).sum())}
-            # the same probe on the slot's geometric part alone (its last 5 features)
-            w, _ = fit_linear_probe_cv(x[train, -5:], y[train], g[train])
-            err = np.linalg.norm(apply_linear_probe(w, x[~train, -5:]) - y[~train], axis=1)
-            result["probe_geometry_median_err_m"] = float(np.median(err))
+                       "probe_test_samples": int((~train).sum()),
+                       # the same probe on the slot's geometric part alone (its last 5 features)
+                       "probe_geometry_median_err_m": float(np.median(probe(slice(-5, None))[0]))}
     return result
 
 

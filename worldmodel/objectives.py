@@ -83,11 +83,10 @@ def mask_supervision_loss(out: EncoderOutput, segmentation: Tensor, boundary_wei
     b, t, k, h, w = masks.shape
     log_masks = torch.log(masks.clamp(min=1e-6))
     seg = segmentation.long()
-    onehot = object_onehot(seg)
-    if onehot.shape[2] == 0:
+    if not (seg >= FIRST_OBJECT_ID).any():
         return masks.sum() * 0.0
     if matches is None:
-        matches = match_objects_to_slots(log_masks, onehot)
+        matches = match_objects_to_slots(log_masks, object_onehot(seg))
     # per-pixel target slot for object pixels; a "matched" flag per slot for the background term
     target = torch.full((b, t, h, w), -1, dtype=torch.long, device=seg.device)
     matched = torch.zeros(b, k, dtype=torch.bool, device=seg.device)

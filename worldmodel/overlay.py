@@ -65,9 +65,7 @@ class SlotOverlay:
         rgb, depth, intrinsics, cam_pose = self._batch(obs)
         out, self.state = self.encoder.step(rgb, depth, intrinsics, cam_pose, self.state)
         centres = out.geometry[0, 0, :, :3].float().cpu().numpy()  # (K, 3)
-        masks = out.masks[0, 0]  # (K, H, W)
-        won = torch.nn.functional.one_hot(masks.argmax(0), masks.shape[0]).permute(2, 0, 1)
-        pixels = (won * (depth[0] > 0)).sum((1, 2)).cpu().numpy()
+        pixels = out.extras["pixels"][0, 0].cpu().numpy()  # valid-depth pixels each slot wins
         keep = [k for k in range(len(centres))
                 if pixels[k] >= self.min_pixels and self.min_height <= centres[k, 2] <= self.max_height]
         return out.features[0, 0].float(), centres, keep
