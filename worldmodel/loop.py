@@ -1,4 +1,4 @@
-"""The one optimisation loop of every world-model stage (`ego-train-wm stage=encoder|predictor`).
+"""The one optimisation loop of every training stage (`ego-train-wm stage=encoder|predictor`, `ego-train-policy`).
 
 A stage supplies its loss for a step and how to save a checkpoint; the loop owns what is common:
 the learning-rate schedule, gradient clipping, the progress bar, TensorBoard scalars, the loss
@@ -86,7 +86,8 @@ def broadcast_flag(flag: bool, world: int, dev: torch.device) -> bool:
 def fit(progress: Progress, cfg: Schedule, *, opt: torch.optim.Optimizer, params: Sequence[Tensor],
         loss_fn: Callable[[int], tuple[Tensor, dict[str, float]]], save: Callable[[dict[str, float], bool], None],
         tag: str, out: Path, main: bool, world: int, dev: torch.device, show_progress: bool,
-        after_step: Callable[[], None] | None = None, postfix: Sequence[str] | None = None) -> dict[str, float]:
+        after_step: Callable[[], None] | None = None, postfix: Sequence[str] | None = None,
+        program: str = "ego-train-wm") -> dict[str, float]:
     """Optimise until `finished`; returns the last step's loss parts. `loss_fn(step)` -> (loss, parts);
     `save(parts, final)` writes a checkpoint (rank 0 only); `after_step` runs after each optimiser step
     (e.g. an EMA target update). Resumes from `progress`, which it advances in place."""
@@ -97,7 +98,7 @@ def fit(progress: Progress, cfg: Schedule, *, opt: torch.optim.Optimizer, params
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"), purge_step=progress.step)
-    bar = tqdm(total=last, initial=progress.step, desc=f"ego-train-wm {tag}", unit="step",
+    bar = tqdm(total=last, initial=progress.step, desc=f"{program} {tag}", unit="step",
                disable=not (main and show_progress), dynamic_ncols=True)
     parts: dict[str, float] = {}
     try:

@@ -1,0 +1,122 @@
+"""Policy latency on this CPU: observation in, action chunk out, world-model encoder included.
+
+    python benchmarks/policy_latency.py --checkpoint runs/pipeline/policy [--checkpoint runs/policy_cnn ...]
+    python benchmarks/policy_latency.py --quick
+
+For each policy and sampler (DDIM at 8 and 2 steps, the consistency student at 1 and 2 steps),
+metric `ms_per_chunk` with fields `policy` (slots | cnn), `sampler`, `steps`, `p50`, `p99`, batch 1:
+the controller takes a real observation (an expert episode's frames), runs it through its
+observation path (the slots policy: one streaming step of the frozen encoder) and samples one
+chunk. Variants are interleaved call by call in one process, so they share the machine's load;
+the ratio to DDIM-8 of the same policy is reported as `speedup_vs_ddim8`.
+
+Without --checkpoint it measures `runs/pipeline/policy`, running `ego-pipeline` (default profile)
+first when that does not exist; `--quick` builds an untrained policy of the default shape (timings
+of the same architecture, no training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from _common import emit, machine  # first: puts the repository on the import path
+
+BENCH = "policy_latency"
+VARIANTS = (("ddim", 8), ("ddim", 2), ("consistency", 1), ("consistency", 2))
+
+
+def _untrained(out: Path, obs: str) -> str:
+    """A policy directory of the default shape with random weights (and a random encoder)."""
+    import numpy as np
+    import torch
+
+    from policies.policy import DiffusionPolicy, PolicyConfig, policy_config_dict
+    from worldmodel.checkpoint import save_checkpoint
+    from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
+
+    torch.manual_seed(0)
+    enc = ObjectCentricEncoder(EncoderConfig())
+    save_checkpoint(out / "encoder", enc, {"stage": "encoder", "model": config_dict(enc.cfg)}, {}, {})
+    cfg = PolicyConfig(obs=obs, token_dim=enc.cfg.slot_dim + 6, num_slots=enc.cfg.num_slots, state_dim=8)
+    stats = {"action_min": [-0.25, -2.0], "action_max": [0.25, 2.0], "state_mean": [0.0] * 8, "state_std": [1.0] * 8,
+             "token_mean": np.zeros(cfg.token_dim).tolist(), "token_std": np.ones(cfg.token_dim).tolist()}
+    model = DiffusionPolicy(cfg, stats)
+    model.distilled.fill_(True)
+    save_checkpoint(out, model, {"stage": "policy", "policy": policy_config_dict(cfg), "data": {"task": "single"}},
+                    stats, {})
+    return str(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", nargs="*", default=None, help="policy directories")
+    parser.add_argument("--quick", action="store_true", help="untrained default-shape policies, few calls")
+    parser.add_argument("--calls", type=int, default=200, help="chunks per variant")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
+    args = parser.parse_args()
+
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from policies.controller import DiffusionPolicyController
+    from sim.env import EgoPushEnv
+    from sim.experts import PushExpert
+
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory()
+    if args.quick:
+        ckpts = [_untrained(Path(tmp.name) / "slots", "slots"), _untrained(Path(tmp.name) / "cnn", "cnn")]
+        calls = 10
+    else:
+        ckpts = args.checkpoint or ["runs/pipeline/policy"]
+        calls = args.calls
+        if not args.checkpoint and not Path(ckpts[0], "model.safetensors").exists():
+            from policies.pipeline import run_pipeline
+
+            run_pipeline({})
+    # real observations: one expert episode of Single easy
+    env = EgoPushEnv(task="single", level="easy")
+    obs, info = env.reset(seed=1000)
+    expert = PushExpert()
+    expert.reset(obs, info)
+    frames = [obs]
+    while len(frames) < 64:
+        obs, _, term, trunc, info = env.step(expert.act(obs, info))
+        frames.append(obs)
+        if term or trunc:
+            break
+    env.close()
+
+    controllers = {}
+    for ck in ckpts:
+        for sampler, steps in VARIANTS:
+            c = DiffusionPolicyController(ck, sampler=sampler, steps=steps, threads=args.threads)
+            if sampler == "consistency" and not bool(c.policy.distilled):
+                continue
+            c.reset(frames[0])
+            controllers[(ck, c.policy.cfg.obs, sampler, steps)] = c
+    times = {k: [] for k in controllers}
+    for i in range(calls + 3):  # 3 warm-up rounds
+        frame = frames[i % len(frames)]
+        for key, c in controllers.items():
+            t0 = time.perf_counter()
+            c._observe(frame)
+            c.sample_chunks(1)
+            if i >= 3:
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    for key, ms in times.items():
+        ck, obs_kind, sampler, steps = key
+        base = np.median(times.get((ck, obs_kind, "ddim", 8), ms))
+        emit(BENCH, "ms_per_chunk", float(np.median(ms)), "ms", policy=obs_kind, sampler=sampler, steps=steps,
+             p50=round(float(np.percentile(ms, 50)), 2), p99=round(float(np.percentile(ms, 99)), 2),
+             speedup_vs_ddim8=round(float(base / np.median(ms)), 2), batch=1, threads=args.threads,
+             calls=len(ms), checkpoint=ck if not args.quick else "untrained", quick=args.quick, **machine())
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

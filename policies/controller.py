@@ -1,0 +1,143 @@
+"""`DiffusionPolicyController`: a trained policy as a `sim` Controller (`reset(obs, info)`, `act(obs)`).
+
+    {"_target_": "policies.controller.DiffusionPolicyController", "checkpoint": "runs/policy_slots"}
+
+Every step it turns the observation into what the policy reads (the slots policy streams the
+frame through its world-model encoder, which must see every frame to keep slot identity); when
+the action buffer is empty it samples a chunk of `horizon` actions from the last `n_obs`
+observations and buffers the `n_action` that start at the current step (diffusion_policy's
+receding horizon). `planned_actions()` shows the rest of the buffer (the viewer draws it).
+
+Randomness (the sampler's noise, the slots' initialisation) is seeded per episode from `seed` and
+the episode's first frame, so an evaluation gives the same result whichever worker runs an episode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from policies.observation import robot_state, rgbd_image, slot_tokens
+
+
+class CheckpointMismatch(ValueError):
+    """A policy checkpoint that does not fit the env it is asked to drive."""
+
+
+class DiffusionPolicyController:
+    """Drive the robot with a trained diffusion policy (see the module docstring)."""
+
+    def __init__(self, checkpoint: str | Path, task: str | None = None, level: str | None = None,
+                 sampler: str | None = None, steps: int | None = None, n_action: int | None = None,
+                 seed: int = 0, device: str = "cpu", threads: int = 1) -> None:
+        from policies.train import load_policy
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.policy, self.config = load_policy(checkpoint, self.device)
+        self.checkpoint = str(checkpoint)
+        cfg = self.policy.cfg
+        trained_task = self.config.get("data", {}).get("task")
+        if task is not None and trained_task is not None and task != trained_task:
+            raise CheckpointMismatch(f"{checkpoint} was trained on task {trained_task!r}, not {task!r}")
+        self.sampler = sampler or cfg.sampler
+        self.steps = steps
+        self.n_action = n_action or cfg.n_action
+        if not 1 <= self.n_action <= cfg.horizon - cfg.n_obs + 1:
+            raise ValueError(f"n_action must lie in [1, {cfg.horizon - cfg.n_obs + 1}]; got {self.n_action}")
+        self.seed = seed
+        self.encoder = None
+        if cfg.obs == "slots":
+            from worldmodel.train import load_encoder
+
+            enc_dir = Path(checkpoint) / "encoder"
+            if not (enc_dir / "model.safetensors").exists():
+                raise CheckpointMismatch(f"{checkpoint}: slots policy without its encoder in {enc_dir}")
+            self.encoder = load_encoder(enc_dir, self.device)
+            dim = self.encoder.cfg.slot_dim + 6
+            if dim != cfg.token_dim or self.encoder.cfg.num_slots != cfg.num_slots:
+                raise CheckpointMismatch(f"{checkpoint}: encoder gives {self.encoder.cfg.num_slots} slots x {dim} "
+                                         f"features, the policy was trained on {cfg.num_slots} x {cfg.token_dim}")
+        self._history: deque = deque(maxlen=cfg.n_obs)
+        self._buffer: list[np.ndarray] = []
+        self._stream = None
+        self._start_pose: torch.Tensor | None = None
+        self._gen = torch.Generator(self.device)
+
+    # -- Controller ------------------------------------------------------------
+
+    def reset(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> None:
+        self._check_obs(obs)
+        digest = hashlib.sha256(np.ascontiguousarray(obs["rgb"]).tobytes()).digest()
+        episode_seed = (int.from_bytes(digest[:8], "little") + self.seed) % 2**62
+        self._gen.manual_seed(episode_seed)
+        torch.manual_seed(episode_seed)  # the encoder's slot initialisation on the first frame
+        self._history.clear()
+        self._buffer = []
+        self._stream = None
+        self._start_pose = torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device)
+
+    def act(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> np.ndarray:
+        if self._start_pose is None:
+            self.reset(obs, info)
+        self._observe(obs)
+        if not self._buffer:
+            chunk = self.sample_chunks(1)[0]
+            start = self.policy.cfg.n_obs - 1
+            self._buffer = list(chunk[start:start + self.n_action])
+        return self._buffer.pop(0).astype(np.float32)
+
+    def planned_actions(self) -> np.ndarray:
+        """(n, 2) the buffered actions still to execute."""
+        return np.asarray(self._buffer, np.float32).reshape(-1, 2)
+
+    # -- parts -----------------------------------------------------------------
+
+    def sample_chunks(self, num_samples: int) -> np.ndarray:
+        """(num_samples, horizon, 2) action chunks for the current observation history."""
+        obs, state = self.observation()
+        chunks = self.policy.predict(obs, state, sampler=self.sampler, steps=self.steps, generator=self._gen,
+                                     num_samples=num_samples)
+        return chunks.cpu().numpy()
+
+    def observation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's input: obs (1, To, ...) and state (1, To, P), the first frame repeated until To are seen."""
+        hist = list(self._history)
+        hist = [hist[0]] * (self.policy.cfg.n_obs - len(hist)) + hist
+        obs = torch.stack([h[0] for h in hist]).unsqueeze(0)
+        state = torch.stack([h[1] for h in hist]).unsqueeze(0)
+        return obs, state
+
+    def _observe(self, obs: dict[str, np.ndarray]) -> None:
+        t = {k: torch.as_tensor(np.asarray(obs[k]), device=self.device).unsqueeze(0)
+             for k in ("rgb", "depth", "intrinsics", "cam_pose", "proprio")}
+        cam = t["cam_pose"].float()
+        state = robot_state(t["proprio"], cam, self._start_pose.unsqueeze(0))[0]
+        if self.encoder is not None:
+            out, self._stream = self.encoder.step(t["rgb"], t["depth"].float(), t["intrinsics"].float(), cam,
+                                                  self._stream)
+            h, w = t["rgb"].shape[1:3]
+            x = slot_tokens(out.features[:, 0], out.extras["pixels"][:, 0], cam, h * w)[0]
+        else:
+            x = rgbd_image(t["rgb"], t["depth"])[0]
+        self._history.append((x.float(), state))
+
+    def _check_obs(self, obs: dict[str, np.ndarray]) -> None:
+        cfg = self.policy.cfg
+        missing = [k for k in ("rgb", "depth", "intrinsics", "cam_pose", "proprio") if k not in obs]
+        if missing:
+            raise CheckpointMismatch(f"observation lacks {missing}")
+        hw = list(np.shape(obs["rgb"])[:2])
+        want = list(self.encoder.cfg.image_size) if self.encoder is not None else list(cfg.image_size)
+        if hw != want:
+            raise CheckpointMismatch(f"{self.checkpoint} expects {want[0]}x{want[1]} images, the env gives "
+                                     f"{hw[0]}x{hw[1]} (set image_size={want[0]})")
+        p = int(np.shape(obs["proprio"])[0]) + 4
+        if p != cfg.state_dim:
+            raise CheckpointMismatch(f"{self.checkpoint} expects proprio of {cfg.state_dim - 4} values, got {p - 4}")

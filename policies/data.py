@@ -1,0 +1,179 @@
+"""Demonstrations as policy training samples: observation histories and action chunks.
+
+`DemoData` holds every step of some `ego-collect` datasets in memory: the observations a policy
+variant reads (slot tokens, or RGB-D frames), the robot state and the expert's action labels.
+`DemoData.sample` draws training windows the way diffusion_policy does: for step t, the
+observations of steps t - To + 1 .. t and the actions of steps t - To + 1 .. t - To + Tp, padded at
+the episode's ends by repeating its first observation and its last action.
+
+Slot tokens come from streaming the frozen encoder over each episode with `step()`, exactly as the
+policy's controller does on the robot, so training and deployment see the same slots. That is the
+slow part on a CPU (about 3 ms a frame), so it is cached in a file keyed by the encoder's weights and
+the datasets' commit records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from policies.observation import robot_state, rgbd_image, slot_tokens
+from sim.dataset import EpisodeDataset
+
+CACHE_VERSION = 1
+FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio")
+
+
+@dataclass
+class DemoData:
+    """Every step of some demonstrations, concatenated over episodes."""
+
+    state: np.ndarray  # (N, P + 4) float32: proprio + odometry
+    action: np.ndarray  # (N, 2) float32: the expert's action labels
+    starts: np.ndarray  # (E,) int64 first step of each episode
+    ends: np.ndarray  # (E,) int64 one past its last step
+    tokens: np.ndarray | None = None  # (N, K, S + 6) float32 slot tokens (slots policy)
+    rgb: np.ndarray | None = None  # (N, H, W, 3) uint8 (cnn policy)
+    depth: np.ndarray | None = None  # (N, H, W) float16 m (cnn policy)
+
+    def __post_init__(self) -> None:
+        n = len(self.action)
+        self.episode_of = np.repeat(np.arange(len(self.starts)), self.ends - self.starts)
+        if len(self.episode_of) != n:
+            raise ValueError(f"episode bounds cover {len(self.episode_of)} steps, arrays have {n}")
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.action)
+
+    def window_index(self, steps: np.ndarray, n_obs: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global step indices (B,) -> observation indices (B, To) and action indices (B, Tp), clamped
+        to each step's episode."""
+        ep = self.episode_of[steps]
+        lo, hi = self.starts[ep][:, None], self.ends[ep][:, None] - 1
+        first = steps[:, None] - n_obs + 1
+        obs = np.clip(first + np.arange(n_obs)[None], lo, hi)
+        act = np.clip(first + np.arange(horizon)[None], lo, hi)
+        return obs, act
+
+    def sample(self, steps: np.ndarray, n_obs: int, horizon: int, kind: str) -> dict[str, Tensor]:
+        """Training windows at global steps (B,): "obs" (B, To, K, F) tokens or (B, To, 4, H, W) images,
+        "state" (B, To, P + 4), "action" (B, Tp, 2)."""
+        obs_i, act_i = self.window_index(steps, n_obs, horizon)
+        out = {"state": torch.from_numpy(self.state[obs_i]), "action": torch.from_numpy(self.action[act_i])}
+        if kind == "slots":
+            out["obs"] = torch.from_numpy(self.tokens[obs_i])
+        else:
+            out["obs"] = rgbd_image(self.rgb[obs_i], self.depth[obs_i].astype(np.float32))
+        return out
+
+
+def _read_episodes(paths: list[str], keys: tuple[str, ...]):
+    """Yield (path, episode index, episode dict) over the datasets, after checking they hold `keys`."""
+    sets = []
+    for p in paths:
+        ds = EpisodeDataset.open(p)
+        missing = [k for k in keys if k not in ds.keys]
+        if missing:
+            raise ValueError(f"{p}: dataset lacks {missing}; collect demonstrations with ego-collect")
+        if ds.n_episodes == 0:
+            raise ValueError(f"{p}: dataset has no episodes")
+        sets.append((p, ds))
+    for p, ds in sets:
+        for e in range(ds.n_episodes):
+            yield p, e, ds.episode(e, list(keys))
+
+
+def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = None, *,
+               cache_dir: str | Path | None = None, encoder_dir: str | Path | None = None,
+               device: str | torch.device = "cpu", batch: int = 16, seed: int = 0,
+               progress: bool = True) -> DemoData:
+    """Demonstrations for policy `kind` ("slots" needs the frozen `encoder`; with `cache_dir` and
+    `encoder_dir` the slot tokens are cached on disk)."""
+    if kind not in ("slots", "cnn"):
+        raise ValueError(f"kind must be 'slots' or 'cnn'; got {kind!r}")
+    if not paths:
+        raise ValueError("no demonstration datasets given")
+    keys = (*FRAME_KEYS, "action")
+    episodes = [ep for _, _, ep in _read_episodes(paths, keys)]
+    lengths = np.array([len(ep["action"]) for ep in episodes])
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    state, action = [], []
+    for ep in episodes:
+        cam = torch.from_numpy(ep["cam_pose"])
+        state.append(robot_state(torch.from_numpy(ep["proprio"]), cam, cam[:1].expand_as(cam)).numpy())
+        action.append(ep["action"].astype(np.float32))
+    data = dict(state=np.concatenate(state).astype(np.float32), action=np.concatenate(action), starts=starts,
+                ends=ends)
+    if kind == "cnn":
+        return DemoData(**data, rgb=np.concatenate([ep["rgb"] for ep in episodes]),
+                        depth=np.concatenate([ep["depth"] for ep in episodes]).astype(np.float16))
+    if encoder is None:
+        raise ValueError("the slots policy needs the world-model encoder")
+    cache = None
+    if cache_dir is not None and encoder_dir is not None:
+        cache = Path(cache_dir) / f"policy_slots_{cache_key(encoder_dir, paths, seed)}.npy"
+        if cache.exists():
+            tokens = np.load(cache)
+            if len(tokens) == len(data["action"]):
+                return DemoData(**data, tokens=tokens)
+    tokens = encode_episodes(encoder, episodes, device=device, batch=batch, seed=seed, progress=progress)
+    if cache is not None:
+        from worldmodel.checkpoint import _atomic_write
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, tokens)
+        _atomic_write(cache, write)
+    return DemoData(**data, tokens=tokens)
+
+
+def cache_key(encoder_dir: str | Path, paths: list[str], seed: int) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION} seed{seed}".encode())
+    h.update(hashlib.sha256((Path(encoder_dir) / "model.safetensors").read_bytes()).digest())
+    for p in paths:
+        h.update(str(Path(p).resolve()).encode())
+        h.update((Path(p) / "committed.json").read_bytes() if (Path(p) / "committed.json").exists() else b"")
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarray]], *,
+                    device: str | torch.device = "cpu", batch: int = 16, seed: int = 0,
+                    progress: bool = True) -> np.ndarray:
+    """Stream the encoder over each episode with `step()` (episodes in lockstep, `batch` at a time,
+    grouped by length) -> slot tokens (N, K, S + 6), episodes concatenated in the given order."""
+    device = torch.device(device)
+    lengths = np.array([len(ep["rgb"]) for ep in episodes])
+    order = np.argsort(-lengths, kind="stable")
+    out: list[np.ndarray | None] = [None] * len(episodes)
+    torch.manual_seed(seed)  # the slots' random initialisation on each episode's first frame
+    bar = tqdm(total=int(lengths.sum()), desc="encoding demos into slots", unit="frame", disable=not progress,
+               dynamic_ncols=True)
+    h, w = episodes[0]["rgb"].shape[1:3]
+    with bar:
+        for g in range(0, len(order), batch):
+            group = order[g:g + batch]
+            t_max = int(lengths[group].max())
+            parts = []
+            state = None
+            for t in range(t_max):
+                idx = [min(t, lengths[i] - 1) for i in group]  # finished episodes repeat their last frame
+                frame = {k: torch.from_numpy(np.stack([episodes[i][k][j] for i, j in zip(group, idx)])).to(device)
+                         for k in ("rgb", "depth", "intrinsics", "cam_pose")}
+                enc, state = encoder.step(frame["rgb"], frame["depth"].float(), frame["intrinsics"].float(),
+                                          frame["cam_pose"].float(), state)
+                tok = slot_tokens(enc.features[:, 0], enc.extras["pixels"][:, 0], frame["cam_pose"].float(), h * w)
+                parts.append(tok.float().cpu().numpy())
+                bar.update(int((lengths[group] > t).sum()))
+            stacked = np.stack(parts, 1)  # (G, T_max, K, F)
+            for j, i in enumerate(group):
+                out[i] = stacked[j, :lengths[i]]
+    return np.concatenate(out).astype(np.float32)

@@ -1,0 +1,245 @@
+"""The policy end to end on real demonstrations: observations, windows, training, the controller,
+ego-eval and checkpoint checks. Tiny models, a few real MuJoCo episodes."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from policies.controller import CheckpointMismatch, DiffusionPolicyController
+from policies.data import DemoData, load_demos
+from policies.evaluate import run as run_eval
+from policies.observation import odometry, rgbd_image, slot_tokens
+from policies.train import load_policy, train
+from sim.env import EgoPushEnv
+from sim.evaluate import evaluate
+from worldmodel.checkpoint import save_checkpoint
+from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, default_stats
+
+TINY_POLICY = {"down_dims": [16, 32], "n_groups": 4, "cond_dim": 32, "set_hidden": 32, "set_layers": 1, "cnn_width": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory) -> str:
+    from sim.collect import collect
+
+    out = Path(tmp_path_factory.mktemp("demos")) / "single_easy.zarr"
+    collect(out=str(out), task="single", level="easy", policy="expert", episodes=3, max_steps=30, workers=0,
+            progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = EncoderConfig(dim=32, layers=1, heads=2, slot_dim=16, decoder_hidden=32, num_slots=4, pixel_embed=0)
+    d = Path(tmp_path_factory.mktemp("enc")) / "wm_encoder"
+    save_checkpoint(d, ObjectCentricEncoder(cfg), {"stage": "encoder", "model": asdict(cfg)}, default_stats(), {})
+    return d
+
+
+def _train(out: Path, demos: str, encoder_dir: Path, obs: str = "slots", steps: int = 30, distill: int = 10,
+           **extra) -> dict:
+    return train({"out": str(out), "encoder": str(encoder_dir), "progress": False,
+                  "data": {"paths": [demos], "task": "single", "level": "easy"},
+                  "policy": {**TINY_POLICY, "obs": obs},
+                  "train": {"steps": steps, "distill_steps": distill, "batch_size": 16, "warmup": 2, "lr": 1e-3,
+                            "log_every": 1, "ckpt_every": 1000, "time_budget_min": 0}, **extra})
+
+
+@pytest.fixture(scope="module")
+def slots_policy(tmp_path_factory, demos, encoder_dir) -> Path:
+    out = Path(tmp_path_factory.mktemp("pol")) / "policy_slots"
+    _train(out, demos, encoder_dir, steps=60)
+    return out
+
+
+# ---------------------------------------------------------------------------- observations and data
+
+
+def test_slot_tokens_put_a_point_ahead_of_the_camera_forward():
+    # a camera at (1, 2) looking along world +y: optical x (right) = world -x, y (down) = world -z,
+    # z (forward) = world +y. A slot 0.5 m further along +y and 0.2 m towards world +x (the camera's
+    # right) is at forward 0.5, left -0.2.
+    cam = torch.eye(4)
+    cam[:3, 0] = torch.tensor([-1.0, 0, 0])
+    cam[:3, 1] = torch.tensor([0, 0, -1.0])
+    cam[:3, 2] = torch.tensor([0, 1.0, 0])
+    cam[:2, 3] = torch.tensor([1.0, 2.0])
+    feats = torch.zeros(1, 3 + 5)
+    feats[0, 3:6] = torch.tensor([0.8, 2.5, 0.1])
+    feats[0, 6:8] = torch.tensor([-0.2, 0.5]) / math.hypot(0.2, 0.5)
+    tok = slot_tokens(feats, torch.tensor([100.0]), cam, 64 * 64)
+    np.testing.assert_allclose(tok[0, 3:6].numpy(), [0.5, 0.2, 0.1], atol=1e-6)
+    np.testing.assert_allclose(tok[0, 6:8].numpy(), np.array([0.5, 0.2]) / math.hypot(0.2, 0.5), atol=1e-6)
+    assert 0 < tok[0, 8] < 1
+    np.testing.assert_allclose(odometry(cam, cam).numpy(), [0, 0, 1, 0], atol=1e-6)
+    turned = cam.clone()
+    turned[:2, 3] = torch.tensor([1.0, 3.0])  # 1 m ahead of the start pose, same heading
+    np.testing.assert_allclose(odometry(turned, cam).numpy(), [1, 0, 1, 0], atol=1e-6)
+
+
+def test_rgbd_image_scales_and_zeroes_invalid_depth():
+    rgb = np.full((4, 4, 3), 255, np.uint8)
+    depth = np.full((4, 4), 1.5, np.float32)
+    depth[0, 0] = np.nan
+    x = rgbd_image(rgb, depth)
+    assert x.shape == (4, 4, 4)
+    assert float(x[:3].min()) == 1.0 and float(x[3, 0, 0]) == 0.0 and float(x[3, 1, 1]) == pytest.approx(0.5)
+
+
+def test_windows_clamp_to_their_episode():
+    d = DemoData(state=np.zeros((10, 8), np.float32), action=np.arange(20, dtype=np.float32).reshape(10, 2),
+                 starts=np.array([0, 4]), ends=np.array([4, 10]))
+    obs, act = d.window_index(np.array([0, 3, 4, 9]), n_obs=2, horizon=4)
+    np.testing.assert_array_equal(obs, [[0, 0], [2, 3], [4, 4], [8, 9]])
+    np.testing.assert_array_equal(act, [[0, 0, 1, 2], [2, 3, 3, 3], [4, 4, 5, 6], [8, 9, 9, 9]])
+
+
+def test_slot_tokens_of_the_demos_equal_the_controllers(demos, encoder_dir):
+    """Training reads the slots the controller computes on the robot: the same encoder stream gives
+    the same tokens."""
+    from policies.data import FRAME_KEYS, encode_episodes
+    from sim.dataset import EpisodeDataset
+    from worldmodel.train import load_encoder
+
+    enc = load_encoder(encoder_dir)
+    ep = EpisodeDataset.open(demos).episode(0, [*FRAME_KEYS, "action"])
+    offline = encode_episodes(enc, [ep], batch=1, seed=3, progress=False)
+    torch.manual_seed(3)
+    state, online = None, []
+    for t in range(len(ep["rgb"])):
+        frame = {k: torch.from_numpy(ep[k][t:t + 1]) for k in ("rgb", "depth", "intrinsics", "cam_pose")}
+        out, state = enc.step(frame["rgb"], frame["depth"].float(), frame["intrinsics"].float(),
+                              frame["cam_pose"].float(), state)
+        online.append(slot_tokens(out.features[:, 0], out.extras["pixels"][:, 0], frame["cam_pose"].float(),
+                                  64 * 64)[0].numpy())
+    np.testing.assert_allclose(offline, np.stack(online), atol=1e-5)
+    data = load_demos([demos], "slots", enc, progress=False)
+    assert data.tokens.shape == (data.n_steps, 4, 16 + 6) and np.isfinite(data.tokens).all()
+
+
+# ---------------------------------------------------------------------------- training and checkpoints
+
+
+def test_training_lowers_the_loss_and_writes_a_complete_checkpoint(slots_policy):
+    m = json.loads((slots_policy / "metrics.json").read_text())
+    losses = [h["diffusion"] for h in m["history"]]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
+    assert m["finished"] and m["distill_steps"] == 10
+    for f in ("config.yaml", "model.safetensors", "stats.json", "metrics.json", "report.md", "loss.png",
+              "encoder/model.safetensors"):
+        assert (slots_policy / f).is_file(), f
+    stats = json.loads((slots_policy / "stats.json").read_text())
+    model, _ = load_policy(slots_policy)
+    a = torch.tensor([[stats["action_min"][0], stats["action_max"][1]], [0.1, -0.5]])
+    np.testing.assert_allclose(model.unnormalise_action(model.normalise_action(a)).numpy(), a.numpy(), atol=1e-6)
+    assert bool(model.distilled)
+
+
+def test_rerun_of_a_finished_run_resumes_without_training(slots_policy, demos, encoder_dir):
+    before = (slots_policy / "model.safetensors").read_bytes()
+    m = _train(slots_policy, demos, encoder_dir, steps=60)
+    assert m["diffusion_steps"] == 60 and (slots_policy / "model.safetensors").read_bytes() == before
+
+
+def _episode_obs(seed: int = 1000, n: int = 6):
+    env = EgoPushEnv(task="single", level="easy")
+    obs, info = env.reset(seed=seed)
+    frames = [(obs, info)]
+    for _ in range(n - 1):
+        obs, *_, info = env.step(np.array([0.1, 0.3], np.float32))
+        frames.append((obs, info))
+    env.close()
+    return frames
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 8), ("consistency", 1), ("consistency", 2)])
+def test_controller_actions_are_bounded_deterministic_and_survive_reloading(slots_policy, sampler, steps):
+    frames = _episode_obs()
+    runs = []
+    for _ in range(2):  # two fresh loads of the checkpoint
+        c = DiffusionPolicyController(slots_policy, task="single", sampler=sampler, steps=steps)
+        c.reset(*frames[0])
+        runs.append(np.stack([c.act(o, i) for o, i in frames]))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert runs[0].shape == (len(frames), 2)
+    model, _ = load_policy(slots_policy)
+    lo, hi = model.action_min.numpy(), model.action_max.numpy()
+    assert (runs[0] >= lo - 1e-6).all() and (runs[0] <= hi + 1e-6).all()
+    assert len(c.planned_actions()) == c.n_action - len(frames) % c.n_action or len(frames) % c.n_action == 0
+
+
+def test_cnn_policy_trains_and_drives(tmp_path, demos, encoder_dir):
+    out = tmp_path / "policy_cnn"
+    m = _train(out, demos, encoder_dir, obs="cnn", steps=4, distill=2)
+    assert m["diffusion_steps"] == 4 and not (out / "encoder").exists()
+    frames = _episode_obs(n=3)
+    c = DiffusionPolicyController(out)
+    c.reset(*frames[0])
+    acts = np.stack([c.act(o, i) for o, i in frames])
+    assert acts.shape == (3, 2) and np.isfinite(acts).all()
+
+
+def test_checkpoint_from_another_task_or_image_size_is_refused(slots_policy):
+    with pytest.raises(CheckpointMismatch, match="trained on task 'single', not 'formation'"):
+        DiffusionPolicyController(slots_policy, task="formation")
+    env = EgoPushEnv(task="single", level="easy", image_size=96)
+    obs, info = env.reset(seed=0)
+    env.close()
+    c = DiffusionPolicyController(slots_policy)
+    with pytest.raises(CheckpointMismatch, match="expects 64x64 images, the env gives 96x96"):
+        c.reset(obs, info)
+
+
+def test_weights_that_do_not_match_the_config_are_named(slots_policy, tmp_path):
+    import shutil
+
+    import yaml
+
+    bad = tmp_path / "bad"
+    shutil.copytree(slots_policy, bad)
+    cfg = yaml.safe_load((bad / "config.yaml").read_text())
+    cfg["policy"]["cond_dim"] = 48
+    (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_policy(bad)
+
+
+# ---------------------------------------------------------------------------- ego-eval
+
+
+def test_ego_eval_of_the_expert_reproduces_the_experts_success(tmp_path):
+    ours = run_eval(controller="expert", task="single", level="easy", episodes=3, workers=0, videos="none",
+                    out=str(tmp_path / "e"), progress=False)
+    direct = evaluate("sim.experts.PushExpert", "single", "easy", 3, seed=1000, workers=0, progress=False)
+    assert [r["success"] for r in ours["results"]] == [r["success"] for r in direct["results"]]
+    assert ours["success_rate"] == direct["success_rate"] == 1.0
+    assert (tmp_path / "e" / "metrics.json").is_file() and "success rate" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_ego_eval_of_a_policy_writes_failure_videos(slots_policy, tmp_path):
+    r = run_eval(checkpoint=str(slots_policy), episodes=2, workers=0, max_steps=12, out=str(tmp_path / "e"),
+                 progress=False)
+    assert r["episodes"] == 2 and 0.0 <= r["success_rate"] <= 1.0
+    failed = [x for x in r["results"] if not x["success"]]
+    assert all(Path(x["video"]).is_file() for x in failed)
+
+
+def test_ego_eval_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(ValueError, match="not a policy directory"):
+        run_eval(checkpoint=str(tmp_path / "nothing"), episodes=1, workers=0)
