@@ -79,11 +79,11 @@ def _read_episodes(paths: list[str], keys: tuple[str, ...]):
     sets = []
     for p in paths:
         ds = EpisodeDataset.open(p)
+        if ds.n_episodes == 0:
+            raise ValueError(f"{p}: dataset has no episodes (with only_success, did every episode fail?)")
         missing = [k for k in keys if k not in ds.keys]
         if missing:
             raise ValueError(f"{p}: dataset lacks {missing}; collect demonstrations with ego-collect")
-        if ds.n_episodes == 0:
-            raise ValueError(f"{p}: dataset has no episodes")
         sets.append((p, ds))
     for p, ds in sets:
         for e in range(ds.n_episodes):

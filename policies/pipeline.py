@@ -46,6 +46,7 @@ class PipelineDemos:
     episodes: int = 200
     policy: str = "noisy_expert"
     seed: int = 0
+    only_success: bool = True  # keep successful episodes only (a rerun retries the failed seeds)
 
 
 @dataclass
@@ -139,7 +140,7 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
     demos = _timed(out, "demos", lambda: collect(
         out=str(demos_path), task=cfg.task, level=cfg.level, policy=cfg.demos.policy, episodes=cfg.demos.episodes,
         seed=cfg.demos.seed, image_size=cfg.image_size, max_steps=cfg.max_steps, workers=cfg.workers,
-        only_success=True, progress=cfg.progress))
+        only_success=cfg.demos.only_success, progress=cfg.progress))
 
     wm_data = {"root": str(out / "data" / "wm"), "image_size": cfg.image_size, "workers": cfg.workers}
     enc_dir, pred_dir, pol_dir = out / "wm_encoder", out / "wm_predictor", out / "policy"

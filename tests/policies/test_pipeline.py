@@ -1,0 +1,52 @@
+"""`ego-pipeline profile=tiny` end to end: every stage runs for real at toy sizes, and a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from policies.pipeline import load_config, run_pipeline
+
+
+def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
+    out = tmp_path / "pipe"
+    cfg = load_config(["profile=tiny", f"out_dir={out}", "progress=false"])
+    m = run_pipeline(cfg)
+    for f in ("report.md", "metrics.json", "config.yaml", "wm_encoder/model.safetensors",
+              "wm_predictor/model.safetensors", "policy/model.safetensors", "policy/encoder/model.safetensors",
+              "media/policy_loss.png", "eval/single_easy/metrics.json"):
+        assert (out / f).is_file(), f
+    assert Path(m["video"]).is_file()
+    r = m["evaluation"]["single_easy"]
+    assert r["episodes"] == 2 and 0.0 <= r["success_rate"] <= 1.0
+    assert m["encoder"]["step"] == 2 and m["predictor"]["step"] == 2 and m["policy"]["diffusion_steps"] == 2
+    report = (out / "report.md").read_text()
+    assert "| single_easy | single | easy | 2 |" in report and "profile=tiny" in report
+    stamp = (out / "policy" / "model.safetensors").stat().st_mtime
+    t0 = time.perf_counter()
+    again = run_pipeline(cfg)
+    assert time.perf_counter() - t0 < 30  # nothing retrains, nothing re-evaluates
+    assert (out / "policy" / "model.safetensors").stat().st_mtime == stamp
+    assert again["evaluation"] == m["evaluation"]
+    assert json.loads((out / "metrics.json").read_text())["evaluation"] == m["evaluation"]
+
+
+def test_yaml_defaults_match_the_dataclass_and_the_cpu_budget():
+    cfg = load_config([])
+    assert cfg.task == "single" and cfg.suites["single_easy"].episodes == 100
+    assert cfg.encoder["train"]["time_budget_min"] + cfg.predictor["predictor"]["time_budget_min"] \
+        + cfg.policy["train"]["time_budget_min"] * 2 <= 45  # training within the 60-minute main job
+
+
+def test_bad_options_fail_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="suites.x evaluates task 'formation'"):
+        run_pipeline({"out_dir": str(tmp_path), "suites": {"x": {"task": "formation", "level": "easy"}}})
+    r = subprocess.run([sys.executable, "-m", "policies.pipeline", f"out_dir={tmp_path}", "task=nope"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "task" in r.stderr and "nope" in r.stderr
+    assert not (tmp_path / "data").exists()
