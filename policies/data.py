@@ -101,7 +101,8 @@ def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = No
     if not paths:
         raise ValueError("no demonstration datasets given")
     keys = (*FRAME_KEYS, "action")
-    episodes = [ep for _, _, ep in _read_episodes(paths, keys)]
+    items = list(_read_episodes(paths, keys))
+    episodes = [ep for _, _, ep in items]
     lengths = np.array([len(ep["action"]) for ep in episodes])
     ends = np.cumsum(lengths)
     starts = ends - lengths
@@ -117,22 +118,27 @@ def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = No
                         depth=np.concatenate([ep["depth"] for ep in episodes]).astype(np.float16))
     if encoder is None:
         raise ValueError("the slots policy needs the world-model encoder")
-    cache = None
-    if cache_dir is not None and encoder_dir is not None:
-        cache = Path(cache_dir) / f"policy_slots_{cache_key(encoder_dir, paths, seed)}.npy"
-        if cache.exists():
-            tokens = np.load(cache)
-            if len(tokens) == len(data["action"]):
-                return DemoData(**data, tokens=tokens)
-    tokens = encode_episodes(encoder, episodes, device=device, batch=batch, seed=seed, progress=progress)
-    if cache is not None:
-        from worldmodel.checkpoint import _atomic_write
+    tokens = []
+    for path in paths:  # one cache file per dataset, so that datasets combine without re-encoding
+        eps = [ep for p, _, ep in items if p == path]
+        cache = None
+        if cache_dir is not None and encoder_dir is not None:
+            cache = Path(cache_dir) / f"policy_slots_{cache_key(encoder_dir, [path], seed)}.npy"
+            if cache.exists():
+                cached = np.load(cache)
+                if len(cached) == sum(len(ep["action"]) for ep in eps):
+                    tokens.append(cached)
+                    continue
+        tok = encode_episodes(encoder, eps, device=device, batch=batch, seed=seed, progress=progress)
+        if cache is not None:
+            from worldmodel.checkpoint import _atomic_write
 
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.save(f, tokens)
-        _atomic_write(cache, write)
-    return DemoData(**data, tokens=tokens)
+            def write(tmp: str, tok: np.ndarray = tok) -> None:
+                with open(tmp, "wb") as f:
+                    np.save(f, tok)
+            _atomic_write(cache, write)
+        tokens.append(tok)
+    return DemoData(**data, tokens=np.concatenate(tokens))
 
 
 def cache_key(encoder_dir: str | Path, paths: list[str], seed: int) -> str:

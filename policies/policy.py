@@ -36,7 +36,7 @@ class PolicyConfig:
     horizon: int = 16  # Tp: actions predicted per chunk
     n_action: int = 8  # Ta: actions executed per chunk before replanning
     cond_dim: int = 256
-    down_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
+    down_dims: list[int] = field(default_factory=lambda: [32, 64, 128])  # CPU-sized; diffusion_policy: 256-1024
     kernel_size: int = 5
     n_groups: int = 8
     diffusion_steps: int = 100  # DDPM training steps (cosine schedule)

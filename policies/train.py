@@ -56,16 +56,16 @@ class PolicyDataConfig:
 
 @dataclass
 class PolicyTrainConfig:
-    steps: int = 6000  # diffusion phase: length of the learning-rate schedule
+    steps: int = 4000  # diffusion phase: length of the learning-rate schedule
     stop_at: int = 0
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 3e-4
     warmup: int = 300
     weight_decay: float = 1e-6
     grad_clip: float = 1.0
     ema_power: float = 0.75
     time_budget_min: float = 30.0  # per phase
-    distill_steps: int = 1500  # consistency distillation; 0 = no few-step sampler
+    distill_steps: int = 1000  # consistency distillation; 0 = no few-step sampler
     distill_lr: float = 1e-4
     distill_skip: int = 10  # teacher DDIM step length (in DDPM steps) per consistency pair
     distill_target_decay: float = 0.95
@@ -82,6 +82,7 @@ class TrainPolicyConfig:
 
     out: str = "runs/policy_${policy.obs}"
     encoder: str = "runs/wm_encoder"  # slots policy: the frozen world-model encoder
+    cache_dir: str = ""  # slots policy: where encoded demonstrations are cached; "" = <out>/cache
     resume: bool = True
     progress: bool = True
     data: PolicyDataConfig = field(default_factory=PolicyDataConfig)
@@ -166,7 +167,7 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, **overrid
         for f in ENCODER_FILES:
             if (Path(cfg.encoder) / f).exists():
                 shutil.copy2(Path(cfg.encoder) / f, out / "encoder" / f)
-    data = load_demos(paths, pc.obs, encoder, cache_dir=out / "cache", encoder_dir=cfg.encoder, device=dev,
+    data = load_demos(paths, pc.obs, encoder, cache_dir=cfg.cache_dir or out / "cache", encoder_dir=cfg.encoder, device=dev,
                       seed=tc.seed, progress=cfg.progress)
     del encoder
     mcfg = replace(pc, state_dim=data.state.shape[-1], action_dim=data.action.shape[-1])

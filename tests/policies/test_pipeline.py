@@ -40,7 +40,7 @@ def test_yaml_defaults_match_the_dataclass_and_the_cpu_budget():
     cfg = load_config([])
     assert cfg.task == "single" and cfg.suites["single_easy"].episodes == 100
     assert cfg.encoder["train"]["time_budget_min"] + cfg.predictor["predictor"]["time_budget_min"] \
-        + cfg.policy["train"]["time_budget_min"] * 2 <= 45  # training within the 60-minute main job
+        + cfg.policy["train"]["time_budget_min"] * 2 <= 40  # training within the 60-minute main job
 
 
 def test_bad_options_fail_before_any_work(tmp_path):
