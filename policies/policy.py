@@ -46,6 +46,7 @@ class PolicyConfig:
     set_hidden: int = 128  # slots: width of the set encoder
     set_layers: int = 2
     cnn_width: int = 32  # cnn: ResNet base width (ResNet-18 layout)
+    cnn_stem_stride: int = 2  # cnn: 1 keeps the first stage at full resolution (4x the compute)
     # filled in from the data at training time
     token_dim: int = 0  # slots: features per slot token
     num_slots: int = 0
@@ -84,7 +85,8 @@ class DiffusionPolicy(nn.Module):
             self.register_buffer("token_mean", torch.tensor(stats["token_mean"], dtype=torch.float32))
             self.register_buffer("token_std", torch.tensor(stats["token_std"], dtype=torch.float32))
         else:
-            self.obs_encoder = RGBDResNetEncoder(cfg.n_obs, cfg.state_dim, cfg.cond_dim, base_width=cfg.cnn_width)
+            self.obs_encoder = RGBDResNetEncoder(cfg.n_obs, cfg.state_dim, cfg.cond_dim, base_width=cfg.cnn_width,
+                                                 stem_stride=cfg.cnn_stem_stride)
 
         def unet() -> ConditionalUnet1D:
             return ConditionalUnet1D(cfg.action_dim, cfg.cond_dim, tuple(cfg.down_dims), cfg.kernel_size, cfg.n_groups)

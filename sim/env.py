@@ -40,7 +40,9 @@ WHEEL_SEPARATION = 0.16
 CONTROL_HZ = 10
 ARENA_HALF = 1.2  # inner half-width of the walled arena, metres
 DEPTH_RANGE = (0.1, 4.0)
-# segmentation ids: 0 floor/sky, 1 walls, 2 robot, FIRST_OBJECT_SEG_ID + i for object i of info["object_names"]
+# segmentation ids: 0 floor/sky, 1 walls, 2 robot, FIRST_OBJECT_SEG_ID + i for object i of info["object_names"],
+# GOAL_SEG_ID + k for goal marker k (the goal disc, or formation slot k): what a perception model must
+# see to know where to push, so world-model training treats a marker as one more object
 FIRST_OBJECT_SEG_ID = 3
 PUSHER_OFFSET = 0.108  # pusher face ahead of the wheel axle, metres
 
@@ -48,6 +50,7 @@ BOX_NAMES = ("box_anchor", "box_red", "box_green", "box_blue")
 DISTRACTOR_NAMES = ("distractor_0", "distractor_1", "distractor_2")
 MARKER_NAMES = ("marker_0", "marker_1", "marker_2", "marker_3")
 MARKER_GROUP, HIDDEN_GROUP = 2, 5  # geom groups (see egopush.xml)
+GOAL_SEG_ID = FIRST_OBJECT_SEG_ID + len(BOX_NAMES) + len(DISTRACTOR_NAMES)  # after every object of any task
 
 # Formation slots in the anchor's frame (x along the anchor's heading): line spacing, cross arm length.
 _S, _ARM = 0.22, 0.33
@@ -600,6 +603,7 @@ class EgoPushEnv(gym.Env):
             "step": self._steps,
             "formation": self.formation or "",
             "seg_ids": {n: i + FIRST_OBJECT_SEG_ID for i, n in enumerate(self.objects)}
+            | {f"goal_{k}": GOAL_SEG_ID + k for k in range(len(goals))}
             | {"background": 0, "walls": 1, "robot": 2},
         }
         if self.config.segmentation:
@@ -621,5 +625,7 @@ class EgoPushEnv(gym.Env):
         cls = self._geom_class_base.copy()
         for i, n in enumerate(self.objects):
             cls[self._obj[n]["geom"]] = i + FIRST_OBJECT_SEG_ID
+        for k, g in enumerate(self._marker_geoms):  # markers a task does not use are not rendered
+            cls[g] = GOAL_SEG_ID + k
         out = np.where(geom >= 0, cls[np.clip(geom, 0, None)], 0)
         return out.astype(np.int32)

@@ -116,6 +116,8 @@ def center_loss(out: EncoderOutput, segmentation: Tensor, object_poses: Tensor, 
     pred, true = [], []
     for i, (objs, slots) in enumerate(matches):
         for o, s in zip(objs, slots):
+            if int(o) >= object_poses.shape[2]:  # a goal marker (sim.env.GOAL_SEG_ID): no pose to match
+                continue
             seen = (counts[i, :, int(o)] >= MIN_CENTER_PIXELS) & torch.isfinite(object_poses[i, :, int(o), :2]).all(-1)
             if seen.any():
                 pred.append(out.geometry[i, seen, int(s), :2])

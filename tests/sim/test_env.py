@@ -548,3 +548,22 @@ def test_randomized_physics_stays_stable_under_random_driving():
             w, x, y, z = env.data.qpos[3:7]
             assert 1 - 2 * (x * x + y * y) > 0.9, f"seed {seed}: the robot tipped over"
             assert all(np.isfinite(v).all() for v in obs.values())
+
+
+def test_goal_markers_have_their_own_segmentation_ids(make_env):
+    from sim.env import GOAL_SEG_ID
+
+    for task, n_goals in (("single", 1), ("formation", 3)):
+        env = make_env(task=task, segmentation=True)
+        obs, info = env.reset(seed=0)
+        ids = info["seg_ids"]
+        assert [ids[f"goal_{k}"] for k in range(n_goals)] == [GOAL_SEG_ID + k for k in range(n_goals)]
+        assert GOAL_SEG_ID > max(v for k, v in ids.items() if not k.startswith("goal_"))
+        if task == "single":  # easy level: the goal disc is in view at reset
+            disc = (info["segmentation"] == GOAL_SEG_ID) & (obs["depth"] > 0)
+            assert disc.sum() >= 5
+            from sim.geometry import unproject_depth
+
+            pts = unproject_depth(obs["depth"], obs["intrinsics"], obs["cam_pose"])[disc]
+            assert np.max(np.abs(pts[:, 2])) < 0.02  # on the floor
+            assert np.median(np.linalg.norm(pts[:, :2] - info["goal"][0], axis=1)) < 0.1
