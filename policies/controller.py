@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.observation import robot_state, rgbd_image, slot_tokens
+from policies.observation import rgbd_image, robot_state, slot_tokens
 
 
 class CheckpointMismatch(ValueError):

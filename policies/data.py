@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from policies.observation import robot_state, rgbd_image, slot_tokens
+from policies.observation import rgbd_image, robot_state, slot_tokens
 from sim.dataset import EpisodeDataset
 
 CACHE_VERSION = 1

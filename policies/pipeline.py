@@ -161,8 +161,8 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
         settings = dict(checkpoint=str(pol_dir), task=s.task, level=s.level, episodes=s.episodes, seed=cfg.eval_seed,
                         workers=cfg.workers, max_steps=cfg.max_steps, out=str(out / "eval" / name),
                         progress=cfg.progress)
-        suites[name] = _timed(out, f"eval_{name}", lambda st=settings: cached_stage(
-            out / "stages" / f"eval_{name}.json", st | stamp, lambda: run_eval(st)))
+        suites[name] = _timed(out, f"eval_{name}", lambda st=settings, n=name: cached_stage(
+            out / "stages" / f"eval_{n}.json", st | stamp, lambda: run_eval(st)))
     video_settings = dict(task=cfg.task, level=cfg.level, episodes=1, seed=cfg.video_seed, max_steps=cfg.max_steps)
     target = {"_target_": "policies.controller.DiffusionPolicyController", "checkpoint": str(pol_dir),
               "task": cfg.task}
