@@ -4,7 +4,8 @@
     python benchmarks/policy_success.py            # measures runs/pipeline/policy, running ego-pipeline first if needed
     python benchmarks/policy_success.py --quick    # the tiny pipeline profile and 2 episodes: proves the path only
 
-Metric `success_rate` with fields `task`, `level`, `policy` (`slots` or `cnn`, from the checkpoint),
+Metric `success_rate` with fields `task`, `level`, `policy` (`slots` or `cnn`, from the checkpoint;
+`slots+wm-select` with `--select K --predictor DIR`),
 `sampler`, `steps`, `episodes`, the Wilson 95% interval and the mean episode length. Episode i uses
 reset seed 1000 + i (the demonstrations use seeds from 0), in `--workers` processes.
 """
@@ -30,6 +31,8 @@ def main() -> None:
     parser.add_argument("--sampler", default=None, help="ddim | consistency (default: the checkpoint's)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--select", type=int, default=0, help="world-model-guided selection over K chunks")
+    parser.add_argument("--predictor", default=None, help="with --select: the predictor checkpoint")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--videos", default=None, help="save failure videos under this directory")
     args = parser.parse_args()
@@ -62,10 +65,14 @@ def main() -> None:
         steps = args.steps or (model.cfg.ddim_steps if sampler == "ddim" else model.cfg.consistency_steps)
         for task, level in suites:
             target = {"_target_": CONTROLLER, "checkpoint": ck, "task": task, "sampler": sampler, "steps": steps}
+            label = kind
+            if args.select > 0:
+                target |= {"select": args.select, "predictor": args.predictor}
+                label = f"{kind}+wm-select"
             video_dir = None if not args.videos else Path(args.videos) / f"{Path(ck).name}_{task}_{level}"
             r = evaluate(target, task, level, episodes, seed=args.seed, workers=args.workers,
                          max_steps=30 if args.quick else None, video_dir=video_dir, progress=True)
-            emit(BENCH, "success_rate", r["success_rate"], "fraction", task=task, level=level, policy=kind,
+            emit(BENCH, "success_rate", r["success_rate"], "fraction", task=task, level=level, policy=label, select=args.select,
                  sampler=sampler, steps=steps, episodes=episodes, ci95_low=round(r["ci95_low"], 3),
                  ci95_high=round(r["ci95_high"], 3), mean_length=round(r["mean_length"], 1),
                  failed_seeds=[x["seed"] for x in r["results"] if not x["success"]][:20],

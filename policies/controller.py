@@ -10,6 +10,13 @@ receding horizon). `planned_actions()` shows the rest of the buffer (the viewer 
 
 Randomness (the sampler's noise, the slots' initialisation) is seeded per episode from `seed` and
 the episode's first frame, so an evaluation gives the same result whichever worker runs an episode.
+
+World-model-guided selection (`select=K`, `predictor=DIR`, in the manner of GPC): each time a chunk
+is due, K chunks are sampled in one batch, the C-JEPA predictor rolls each out from the recent
+slot history (batched over the candidates), and the chunk whose predicted box positions end
+nearest to the goal is executed. The goal comes as the latent planner takes it: the goal
+positions and which slot holds the box are read from the task's `info` at reset (the task's
+specification, as a benchmark hands it over; the policy network itself reads nothing privileged).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ class DiffusionPolicyController:
 
     def __init__(self, checkpoint: str | Path, task: str | None = None, level: str | None = None,
                  sampler: str | None = None, steps: int | None = None, n_action: int | None = None,
-                 seed: int = 0, device: str = "cpu", threads: int = 1) -> None:
+                 seed: int = 0, device: str = "cpu", threads: int = 1, select: int = 0,
+                 predictor: str | None = None) -> None:
         from policies.train import load_policy
 
         if threads > 0:
@@ -64,6 +72,15 @@ class DiffusionPolicyController:
             if dim != cfg.token_dim or self.encoder.cfg.num_slots != cfg.num_slots:
                 raise CheckpointMismatch(f"{checkpoint}: encoder gives {self.encoder.cfg.num_slots} slots x {dim} "
                                          f"features, the policy was trained on {cfg.num_slots} x {cfg.token_dim}")
+        self.select = select
+        self.selector = None
+        if select > 0:
+            from worldmodel.planner import make_latent_planner
+
+            if not predictor:
+                raise ValueError("select > 0 needs predictor=<predictor checkpoint trained on this policy's encoder>")
+            self.selector = make_latent_planner(predictor, encoder=str(Path(checkpoint) / "encoder"), device=device)
+            self.last_selection: dict[str, Any] = {}
         self._history: deque = deque(maxlen=cfg.n_obs)
         self._buffer: list[np.ndarray] = []
         self._stream = None
@@ -82,16 +99,26 @@ class DiffusionPolicyController:
         self._buffer = []
         self._stream = None
         self._start_pose = torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device)
+        if self.selector is not None:
+            self.selector.reset(obs, info)  # its own encoder stream, the goal and the box's slot
+            self._selector_seen = True
 
     def act(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> np.ndarray:
         if self._start_pose is None:
             self.reset(obs, info)
         self._observe(obs)
+        if self.selector is not None:
+            if not self._selector_seen:  # reset() encoded the first frame already
+                self.selector._observe(obs)
+            self._selector_seen = False
         if not self._buffer:
-            chunk = self.sample_chunks(1)[0]
             start = self.policy.cfg.n_obs - 1
+            chunk = self._select() if self.selector is not None else self.sample_chunks(1)[0]
             self._buffer = list(chunk[start:start + self.n_action])
-        return self._buffer.pop(0).astype(np.float32)
+        action = self._buffer.pop(0).astype(np.float32)
+        if self.selector is not None:
+            self.selector.executed.append(torch.as_tensor(action))
+        return action
 
     def planned_actions(self) -> np.ndarray:
         """(n, 2) the buffered actions still to execute."""
@@ -105,6 +132,25 @@ class DiffusionPolicyController:
         chunks = self.policy.predict(obs, state, sampler=self.sampler, steps=self.steps, generator=self._gen,
                                      num_samples=num_samples)
         return chunks.cpu().numpy()
+
+    @torch.no_grad()
+    def _select(self) -> np.ndarray:
+        """The best of `select` sampled chunks by the predictor's forecast of the goal cost."""
+        chunks = self.sample_chunks(self.select)  # (N, Tp, 2)
+        sel = self.selector
+        fs = sel.predictor.cfg.frameskip
+        start = self.policy.cfg.n_obs - 1
+        future = chunks[:, start:]
+        future = future[:, :(future.shape[1] // fs) * fs]  # whole predictor frames
+        hist = sel.history()
+        from worldmodel.predictor import Rollout
+
+        r = sel.predictor.rollout(hist["features"], torch.as_tensor(future)[None], cam_pose=hist["cam_pose"],
+                                  proprio=hist["proprio"], past_actions=hist.get("past_actions"))
+        cost = sel.cost(Rollout(states=r.states[0], robot=r.robot[0], slot_dim=r.slot_dim))
+        best = int(torch.argmin(cost))
+        self.last_selection = {"cost": cost.cpu().numpy(), "best": best}
+        return chunks[best]
 
     def observation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The policy's input: obs (1, To, ...) and state (1, To, P), the first frame repeated until To are seen."""

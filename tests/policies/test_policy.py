@@ -243,3 +243,31 @@ def test_ego_eval_of_a_policy_writes_failure_videos(slots_policy, tmp_path):
 def test_ego_eval_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(ValueError, match="not a policy directory"):
         run_eval(checkpoint=str(tmp_path / "nothing"), episodes=1, workers=0)
+
+
+def test_world_model_guided_selection_executes_the_chunk_the_predictor_scores_best(slots_policy, encoder_dir,
+                                                                                   tmp_path):
+    from worldmodel.predictor import CausalJEPAPredictor, PredictorConfig
+
+    pcfg = PredictorConfig(slot_dim=16, num_slots=4, history=3, future=2, frameskip=2, dim=32, layers=1, heads=2,
+                           interaction_hidden=16)
+    torch.manual_seed(0)
+    model = CausalJEPAPredictor(pcfg)
+    with torch.no_grad():  # the interaction heads start at zero (nothing would move)
+        for p in model.dynamics.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    pred = tmp_path / "wm_predictor"
+    save_checkpoint(pred, model, {"stage": "predictor", "encoder": str(encoder_dir),
+                                  "predictor": {"model": asdict(pcfg)}},
+                    {"slot_mean": [0.0] * 16, "slot_std": [1.0] * 16}, {})
+    frames = _episode_obs(n=10)
+    c = DiffusionPolicyController(slots_policy, select=6, predictor=str(pred), sampler="ddim", steps=2)
+    c.reset(*frames[0])
+    acts = [c.act(o, i) for o, i in frames]
+    sel = c.last_selection
+    assert sel["cost"].shape == (6,) and np.isfinite(sel["cost"]).all()
+    assert sel["best"] == int(np.argmin(sel["cost"])) and sel["cost"].std() > 0  # candidates differ
+    assert len(c.selector.executed) == len(frames) == len(c.selector.features)
+    assert np.isfinite(np.stack(acts)).all()
+    with pytest.raises(ValueError, match="needs predictor"):
+        DiffusionPolicyController(slots_policy, select=4)
