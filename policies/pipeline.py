@@ -36,7 +36,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sim.collect import LEVELS, TASKS, check_choice, collect, run_cli, to_config
-from sim.pipeline import cached_stage, write_text
+from sim.pipeline import SuiteConfig, cached_stage, write_text
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -49,15 +49,8 @@ class PipelineDemos:
     only_success: bool = True  # keep successful episodes only (a rerun retries the failed seeds)
 
 
-@dataclass
-class PipelineSuite:
-    task: str = "single"
-    level: str = "easy"
-    episodes: int = 100
-
-
-def _default_suites() -> dict[str, PipelineSuite]:
-    return {"single_easy": PipelineSuite("single", "easy", 100)}
+def _default_suites() -> dict[str, SuiteConfig]:
+    return {"single_easy": SuiteConfig("single", "easy", 100)}
 
 
 @dataclass
@@ -78,7 +71,7 @@ class PolicyPipelineConfig:
     predictor: dict[str, Any] = field(default_factory=dict)  # ego-train-wm stage=predictor overrides
     policy: dict[str, Any] = field(default_factory=dict)  # ego-train-policy overrides
     eval_seed: int = 1000
-    suites: dict[str, PipelineSuite] = field(default_factory=_default_suites)
+    suites: dict[str, SuiteConfig] = field(default_factory=_default_suites)
     video_seed: int = 1000
 
 
