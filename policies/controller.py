@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.observation import rgbd_image, robot_state, slot_tokens
+from policies.observation import SLOT_GEOMETRY_DIM, SlotMemory, rgbd_image, robot_state, slot_tokens
 
 
 class CheckpointMismatch(ValueError):
@@ -68,7 +68,7 @@ class DiffusionPolicyController:
             if not (enc_dir / "model.safetensors").exists():
                 raise CheckpointMismatch(f"{checkpoint}: slots policy without its encoder in {enc_dir}")
             self.encoder = load_encoder(enc_dir, self.device)
-            dim = self.encoder.cfg.slot_dim + 6
+            dim = self.encoder.cfg.slot_dim + SLOT_GEOMETRY_DIM
             if dim != cfg.token_dim or self.encoder.cfg.num_slots != cfg.num_slots:
                 raise CheckpointMismatch(f"{checkpoint}: encoder gives {self.encoder.cfg.num_slots} slots x {dim} "
                                          f"features, the policy was trained on {cfg.num_slots} x {cfg.token_dim}")
@@ -84,6 +84,7 @@ class DiffusionPolicyController:
         self._history: deque = deque(maxlen=cfg.n_obs)
         self._buffer: list[np.ndarray] = []
         self._stream = None
+        self._memory = SlotMemory()
         self._start_pose: torch.Tensor | None = None
         self._gen = torch.Generator(self.device)
 
@@ -98,6 +99,7 @@ class DiffusionPolicyController:
         self._history.clear()
         self._buffer = []
         self._stream = None
+        self._memory = SlotMemory()
         self._start_pose = torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device)
         if self.selector is not None:
             self.selector.reset(obs, info)  # its own encoder stream, the goal and the box's slot
@@ -169,7 +171,7 @@ class DiffusionPolicyController:
             out, self._stream = self.encoder.step(t["rgb"], t["depth"].float(), t["intrinsics"].float(), cam,
                                                   self._stream)
             h, w = t["rgb"].shape[1:3]
-            x = slot_tokens(out.features[:, 0], out.extras["pixels"][:, 0], cam, h * w)[0]
+            x = slot_tokens(out.features[:, 0], out.extras["pixels"][:, 0], cam, h * w, self._memory)[0]
         else:
             x = rgbd_image(t["rgb"], t["depth"])[0]
         self._history.append((x.float(), state))

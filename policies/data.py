@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from policies.observation import rgbd_image, robot_state, slot_tokens
+from policies.observation import SlotMemory, rgbd_image, robot_state, slot_tokens
 from sim.dataset import EpisodeDataset
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: slot memory and the age feature
 FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio")
 
 
@@ -38,7 +38,7 @@ class DemoData:
     action: np.ndarray  # (N, 2) float32: the expert's action labels
     starts: np.ndarray  # (E,) int64 first step of each episode
     ends: np.ndarray  # (E,) int64 one past its last step
-    tokens: np.ndarray | None = None  # (N, K, S + 6) float32 slot tokens (slots policy)
+    tokens: np.ndarray | None = None  # (N, K, S + 7) float32 slot tokens (slots policy)
     rgb: np.ndarray | None = None  # (N, H, W, 3) uint8 (cnn policy)
     depth: np.ndarray | None = None  # (N, H, W) float16 m (cnn policy)
 
@@ -155,7 +155,7 @@ def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarra
                     device: str | torch.device = "cpu", batch: int = 16, seed: int = 0,
                     progress: bool = True) -> np.ndarray:
     """Stream the encoder over each episode with `step()` (episodes in lockstep, `batch` at a time,
-    grouped by length) -> slot tokens (N, K, S + 6), episodes concatenated in the given order."""
+    grouped by length) -> slot tokens (N, K, S + 7), episodes concatenated in the given order."""
     device = torch.device(device)
     lengths = np.array([len(ep["rgb"]) for ep in episodes])
     order = np.argsort(-lengths, kind="stable")
@@ -169,14 +169,15 @@ def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarra
             group = order[g:g + batch]
             t_max = int(lengths[group].max())
             parts = []
-            state = None
+            state, memory = None, SlotMemory()
             for t in range(t_max):
                 idx = [min(t, lengths[i] - 1) for i in group]  # finished episodes repeat their last frame
                 frame = {k: torch.from_numpy(np.stack([episodes[i][k][j] for i, j in zip(group, idx)])).to(device)
                          for k in ("rgb", "depth", "intrinsics", "cam_pose")}
                 enc, state = encoder.step(frame["rgb"], frame["depth"].float(), frame["intrinsics"].float(),
                                           frame["cam_pose"].float(), state)
-                tok = slot_tokens(enc.features[:, 0], enc.extras["pixels"][:, 0], frame["cam_pose"].float(), h * w)
+                tok = slot_tokens(enc.features[:, 0], enc.extras["pixels"][:, 0], frame["cam_pose"].float(), h * w,
+                                  memory)
                 parts.append(tok.float().cpu().numpy())
                 bar.update(int((lengths[group] > t).sum()))
             stacked = np.stack(parts, 1)  # (G, T_max, K, F)

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 
 ODOM_DIM = 4  # (dx, dy) m in the start frame, cos and sin of the turn since the start
-SLOT_GEOMETRY_DIM = 6  # centre (forward, left, up) m, view direction (forward, left), log pixel share
+SLOT_GEOMETRY_DIM = 7  # centre (forward, left, up) m, view direction (forward, left), log pixel share, age
+MIN_SEEN_PIXELS = 4  # a slot holding fewer valid-depth pixels does not see its object now
+NEVER_SEEN_AGE = 1000  # steps; what the age feature says of a slot that has never held an object
 DEPTH_SCALE_M = 3.0  # depth / 3 m: about [0, 1.3] over the sensor's range
 
 
@@ -37,19 +39,51 @@ def _to_local(xy: Tensor, origin: Tensor, yaw: Tensor) -> Tensor:
     return torch.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], -1)
 
 
-def slot_tokens(features: Tensor, pixels: Tensor, cam_pose: Tensor, image_pixels: int) -> Tensor:
-    """Encoder features (..., K, S + 5) (slot vector, world centre x y z, planar view direction),
-    pixels won (..., K), cam_pose (..., 4, 4) -> tokens (..., K, S + 6): the slot vector, then its
-    centre in the camera's planar frame (forward, left, up), its view direction in that frame and
-    log1p(pixels) / log1p(image pixels) (0 for a slot that sees nothing of its object now)."""
+class SlotMemory:
+    """Object permanence over one stream: each slot's last seen world centre, and how many steps ago.
+
+    A slot whose object leaves the view (or hides behind the box being pushed, as the goal disc
+    does) wins no pixels and its centre estimate says nothing; the policy reads the remembered
+    centre instead, moved into the robot's current frame by odometry, as the expert remembers
+    what it has seen. Streams are batched: one memory per batch of streams, reset per episode."""
+
+    def __init__(self) -> None:
+        self.centre: Tensor | None = None  # (B, K, 3) world
+        self.age: Tensor | None = None  # (B, K) steps since seen
+
+    def __call__(self, centre: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """centre (B, K, 3) this frame's estimates, pixels (B, K) -> remembered centre (B, K, 3), age (B, K)."""
+        seen = pixels >= MIN_SEEN_PIXELS
+        if self.centre is None:
+            self.centre = centre.clone()
+            self.age = torch.where(seen, 0.0, float(NEVER_SEEN_AGE)).to(centre.dtype)
+        else:
+            self.centre = torch.where(seen.unsqueeze(-1), centre, self.centre)
+            self.age = torch.where(seen, torch.zeros_like(self.age), (self.age + 1).clamp(max=NEVER_SEEN_AGE))
+        return self.centre, self.age
+
+
+def slot_tokens(features: Tensor, pixels: Tensor, cam_pose: Tensor, image_pixels: int,
+                memory: SlotMemory | None = None) -> Tensor:
+    """Encoder features (B, K, S + 5) (slot vector, world centre x y z, planar view direction),
+    pixels won (B, K), cam_pose (B, 4, 4) -> tokens (B, K, S + 7): the slot vector, then its centre in
+    the camera's planar frame (forward, left, up), the planar direction to it in that frame,
+    log1p(pixels) / log1p(image pixels) (0 for a slot that sees nothing of its object now) and
+    log1p(age) / log1p(NEVER_SEEN_AGE), age = steps since the slot last saw its object. With a
+    `memory`, a slot that sees nothing now keeps its last seen centre."""
     s = features.shape[-1] - 5
     pos, yaw = planar_pose(cam_pose)
     centre = features[..., s:s + 3]
+    if memory is not None:
+        centre, age = memory(centre, pixels)
+    else:
+        age = torch.where(pixels >= MIN_SEEN_PIXELS, 0.0, float(NEVER_SEEN_AGE)).to(centre.dtype)
     planar = _to_local(centre[..., :2], pos, yaw)
-    zero = torch.zeros_like(pos)
-    direction = _to_local(features[..., s + 3:s + 5], zero, yaw)
+    direction = planar / planar.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     share = torch.log1p(pixels.float()) / math.log1p(image_pixels)
-    return torch.cat([features[..., :s], planar, centre[..., 2:3], direction, share.unsqueeze(-1)], -1)
+    age = torch.log1p(age) / math.log1p(NEVER_SEEN_AGE)
+    return torch.cat([features[..., :s], planar, centre[..., 2:3], direction, share.unsqueeze(-1),
+                      age.unsqueeze(-1)], -1)
 
 
 def odometry(cam_pose: Tensor, start_pose: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from worldmodel.checkpoint import load_state_strict, read_checkpoint, read_json,
 from worldmodel.loop import finished, fit, restore
 from worldmodel.predictor import CausalJEPAPredictor, PredictorConfig, predictor_config_dict, predictor_loss
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: goal-marker slots are not matched to objects
 
 
 @dataclass
@@ -127,7 +127,8 @@ def encode_segments(encoder: torch.nn.Module, paths: list[str], segment_len: int
         so = np.full((len(onehot), k), -1, np.int16)
         if onehot.shape[2]:
             for j, (objs, slots) in enumerate(match_objects_to_slots(torch.log(out.masks.clamp(min=1e-6)), onehot)):
-                so[j, slots] = objs
+                keep = objs < n_obj  # goal markers (sim.env.GOAL_SEG_ID) have no pose: no probe target
+                so[j, slots[keep]] = objs[keep]
         slot_object.append(so)
     idx = starts[:, None] + np.arange(segment_len)[None]
     actions = clips.arrays.get("executed_action", clips.arrays.get("action"))

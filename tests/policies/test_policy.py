@@ -15,7 +15,7 @@ import torch
 from policies.controller import CheckpointMismatch, DiffusionPolicyController
 from policies.data import DemoData, load_demos
 from policies.evaluate import run as run_eval
-from policies.observation import odometry, rgbd_image, slot_tokens
+from policies.observation import NEVER_SEEN_AGE, SlotMemory, odometry, rgbd_image, slot_tokens
 from policies.train import load_policy, train
 from sim.env import EgoPushEnv
 from sim.evaluate import evaluate
@@ -86,11 +86,33 @@ def test_slot_tokens_put_a_point_ahead_of_the_camera_forward():
     tok = slot_tokens(feats, torch.tensor([100.0]), cam, 64 * 64)
     np.testing.assert_allclose(tok[0, 3:6].numpy(), [0.5, 0.2, 0.1], atol=1e-6)
     np.testing.assert_allclose(tok[0, 6:8].numpy(), np.array([0.5, 0.2]) / math.hypot(0.2, 0.5), atol=1e-6)
-    assert 0 < tok[0, 8] < 1
+    assert 0 < tok[0, 8] < 1 and tok[0, 9] == 0  # some pixels; seen now
     np.testing.assert_allclose(odometry(cam, cam).numpy(), [0, 0, 1, 0], atol=1e-6)
     turned = cam.clone()
     turned[:2, 3] = torch.tensor([1.0, 3.0])  # 1 m ahead of the start pose, same heading
     np.testing.assert_allclose(odometry(turned, cam).numpy(), [1, 0, 1, 0], atol=1e-6)
+
+
+def test_slot_memory_keeps_the_last_seen_centre_in_the_robots_frame():
+    cam = torch.eye(4)[None]
+    cam[0, :3, :3] = torch.tensor([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])  # optical z = world +x
+    feats = torch.zeros(1, 2, 3 + 5)
+    feats[0, 0, 3:6] = torch.tensor([1.0, 0.5, 0.05])  # slot 0 sees an object 1 m ahead, 0.5 m left
+    feats[0, 1, 3:6] = torch.tensor([0.0, 0.0, 0.0])  # slot 1 holds nothing (camera position)
+    mem = SlotMemory()
+    t0 = slot_tokens(feats, torch.tensor([[50.0, 0.0]]), cam, 4096, mem)
+    np.testing.assert_allclose(t0[0, 0, 3:5].numpy(), [1.0, 0.5], atol=1e-6)
+    assert t0[0, 0, 9] == 0 and t0[0, 1, 9] == pytest.approx(1.0)  # slot 1: never seen
+    moved = cam.clone()
+    moved[0, 0, 3] = 0.4  # the robot drives 0.4 m forward; slot 0 loses its object (0 pixels, centre = camera)
+    feats2 = feats.clone()
+    feats2[0, 0, 3:6] = torch.tensor([0.4, 0.0, 0.0])
+    t1 = slot_tokens(feats2, torch.tensor([[0.0, 0.0]]), moved, 4096, mem)
+    np.testing.assert_allclose(t1[0, 0, 3:6].numpy(), [0.6, 0.5, 0.05], atol=1e-6)  # remembered, robot frame
+    assert t1[0, 0, 8] == 0 and 0 < t1[0, 0, 9] < 0.2  # no pixels now; seen one step ago
+    no_memory = slot_tokens(feats2, torch.tensor([[0.0, 0.0]]), moved, 4096)
+    np.testing.assert_allclose(no_memory[0, 0, 3:5].numpy(), [0.0, 0.0], atol=1e-6)
+    assert no_memory[0, 0, 9] == pytest.approx(1.0) and NEVER_SEEN_AGE > 100
 
 
 def test_rgbd_image_scales_and_zeroes_invalid_depth():
@@ -121,16 +143,16 @@ def test_slot_tokens_of_the_demos_equal_the_controllers(demos, encoder_dir):
     ep = EpisodeDataset.open(demos).episode(0, [*FRAME_KEYS, "action"])
     offline = encode_episodes(enc, [ep], batch=1, seed=3, progress=False)
     torch.manual_seed(3)
-    state, online = None, []
+    state, online, memory = None, [], SlotMemory()
     for t in range(len(ep["rgb"])):
         frame = {k: torch.from_numpy(ep[k][t:t + 1]) for k in ("rgb", "depth", "intrinsics", "cam_pose")}
         out, state = enc.step(frame["rgb"], frame["depth"].float(), frame["intrinsics"].float(),
                               frame["cam_pose"].float(), state)
         online.append(slot_tokens(out.features[:, 0], out.extras["pixels"][:, 0], frame["cam_pose"].float(),
-                                  64 * 64)[0].numpy())
+                                  64 * 64, memory)[0].numpy())
     np.testing.assert_allclose(offline, np.stack(online), atol=1e-5)
     data = load_demos([demos], "slots", enc, progress=False)
-    assert data.tokens.shape == (data.n_steps, 4, 16 + 6) and np.isfinite(data.tokens).all()
+    assert data.tokens.shape == (data.n_steps, 4, 16 + 7) and np.isfinite(data.tokens).all()
 
 
 # ---------------------------------------------------------------------------- training and checkpoints
