@@ -11,7 +11,7 @@ Every stage resumes: the trainers continue from their last checkpoint and leave 
 it is, the collector adds only missing episodes, and evaluations are cached with their settings.
 So a crashed or interrupted pipeline continues where it stopped when the same command is rerun.
 
-    ego-pipeline                                    # default profile: about 50 min on a 2-core CPU
+    ego-pipeline                                    # default profile: about 45 min on a 2-core CPU
     ego-pipeline profile=tiny out_dir=/tmp/smoke    # a smoke run of every stage in a minute or two
     ego-pipeline profile=gpu train_device=cuda      # larger budgets for one GPU
 
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -139,10 +138,10 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
     enc_dir, pred_dir, pol_dir = out / "wm_encoder", out / "wm_predictor", out / "policy"
     enc_cfg = _merge({"stage": "encoder", "out": str(enc_dir), "progress": cfg.progress, "data": wm_data,
                       "train": {"device": cfg.train_device}}, cfg.encoder)
-    encoder = _timed(out, "encoder", lambda: train_wm(enc_cfg))
+    _timed(out, "encoder", lambda: train_wm(enc_cfg))
     pred_cfg = _merge({"stage": "predictor", "out": str(pred_dir), "encoder": str(enc_dir), "progress": cfg.progress,
                        "data": wm_data, "predictor": {"device": cfg.train_device}}, cfg.predictor)
-    predictor = _timed(out, "predictor", lambda: train_wm(pred_cfg))
+    _timed(out, "predictor", lambda: train_wm(pred_cfg))
     pol_cfg = _merge({"out": str(pol_dir), "encoder": str(enc_dir), "progress": cfg.progress,
                       "data": {"task": cfg.task, "level": cfg.level, "paths": [str(demos_path)]},
                       "train": {"device": cfg.train_device}}, cfg.policy)
@@ -172,7 +171,6 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
         "stage_seconds": times,
         "this_run_seconds": round(time.perf_counter() - t_start, 1),
     }
-    del encoder, predictor
     write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     report = write_text(out / "report.md", render_report(cfg, metrics, out))
     return metrics | {"report": str(report)}
@@ -231,5 +229,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

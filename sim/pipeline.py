@@ -1,4 +1,7 @@
-"""The project's main job (`ego-pipeline`): demonstrations, expert evaluation, report.
+"""The simulator-only job (`ego-pipeline-expert`): expert demonstrations, expert evaluation, report.
+
+The full main job, with the world model and the policy, is `ego-pipeline` (`policies.pipeline`),
+which reuses this module's atomic-output and stage-cache helpers.
 
 Stages, each writing its outputs atomically under `out_dir` and skipped on a rerun
 when its recorded settings are unchanged (so a crashed or interrupted run resumes):
@@ -9,8 +12,8 @@ when its recorded settings are unchanged (so a crashed or interrupted run resume
 4. plot success rates and episode lengths -> `media/summary.png`, write `metrics.json`
    and `report.md`.
 
-    ego-pipeline                         # defaults: about a minute or two on 2 CPU cores
-    ego-pipeline profile=tiny out_dir=/tmp/smoke   # seconds: every stage, tiny sizes
+    ego-pipeline-expert                  # defaults: about a minute or two on 2 CPU cores
+    ego-pipeline-expert profile=tiny out_dir=/tmp/smoke   # seconds: every stage, tiny sizes
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def _default_suites() -> dict[str, SuiteConfig]:
 
 @dataclass
 class PipelineConfig:
-    """Options of `ego-pipeline` (defaults mirrored in sim/conf/pipeline.yaml)."""
+    """Options of `ego-pipeline-expert` (defaults mirrored in sim/conf/pipeline.yaml)."""
 
     out_dir: str = "runs/pipeline"
     workers: int = 2
@@ -322,8 +325,8 @@ def run_pipeline(config: PipelineConfig | Mapping[str, Any] | DictConfig | None 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
-    """`ego-pipeline`: Hydra CLI around `run_pipeline`."""
-    result = run_cli("ego-pipeline", lambda: run_pipeline(cfg), f"finished stages in {cfg.out_dir}")
+    """`ego-pipeline-expert`: Hydra CLI around `run_pipeline`."""
+    result = run_cli("ego-pipeline-expert", lambda: run_pipeline(cfg), f"finished stages in {cfg.out_dir}")
     print(f"report: {result['report']}")
 
 
