@@ -140,7 +140,8 @@ def test_fg_ari_and_matching_on_masks():
 
 
 def test_collected_segmentation_matches_the_objects(wm_dataset):
-    """`ego-collect segmentation=true` stores uint8 ids, object i as 3 + i, aligned with object_poses."""
+    """`ego-collect segmentation=true` stores uint8 ids, object i as 3 + i, aligned with object_poses,
+    and goal marker k as GOAL_SEG_ID + k."""
     from sim.dataset import EpisodeDataset
 
     ds = EpisodeDataset.open(wm_dataset)
@@ -148,7 +149,10 @@ def test_collected_segmentation_matches_the_objects(wm_dataset):
     seg = ep["segmentation"]
     assert seg.dtype == np.uint8 and seg.shape == ep["rgb"].shape[:3]
     n_obj = ep["object_poses"].shape[1]
-    assert seg.max() < 3 + n_obj
+    from sim.env import GOAL_SEG_ID
+
+    # objects 3 .. 3 + n_obj - 1, goal markers from GOAL_SEG_ID, nothing else
+    assert set(np.unique(seg).tolist()) <= set(range(3 + n_obj)) | set(range(GOAL_SEG_ID, GOAL_SEG_ID + 4))
     # an object flagged visible with a clear line of sight shows up in the segmentation of most such frames
     shown = [(seg[t] == 3 + o).any() for t in range(len(seg)) for o in range(n_obj) if ep["visible"][t, o]]
     assert shown and np.mean(shown) > 0.8
