@@ -36,6 +36,7 @@ from policies.policy import DiffusionPolicy, PolicyConfig, config_from_dict, pol
 from sim.collect import check_choice, to_config
 from worldmodel.checkpoint import read_checkpoint, read_json, save_checkpoint
 from worldmodel.loop import Progress, finished, fit
+from worldmodel.train import resolve_device
 
 ENCODER_FILES = ("config.yaml", "model.safetensors", "stats.json", "metrics.json")
 
@@ -93,20 +94,6 @@ class TrainPolicyConfig:
 ConfigStore.instance().store(name="train_policy_schema", node=TrainPolicyConfig)
 
 
-@dataclass
-class _Phase:
-    """The loop's schedule fields for one phase."""
-
-    steps: int
-    stop_at: int
-    lr: float
-    warmup: int
-    grad_clip: float
-    log_every: int
-    ckpt_every: int
-    time_budget_min: float
-
-
 def demo_paths(cfg: PolicyDataConfig, progress: bool = True) -> list[str]:
     """The demonstration datasets, collecting the default ones first when missing."""
     if cfg.paths:
@@ -132,12 +119,6 @@ def demo_stats(data: DemoData, kind: str) -> dict[str, Any]:
     return stats
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def train(config: TrainPolicyConfig | DictConfig | dict | None = None, **overrides: Any) -> dict[str, Any]:
     """Train (or resume) a policy; returns its metrics."""
     cfg: TrainPolicyConfig = to_config(config, TrainPolicyConfig, overrides)
@@ -147,7 +128,7 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, **overrid
     if tc.steps < 1 or tc.batch_size < 1 or tc.distill_steps < 0:
         raise ValueError(f"train.steps and train.batch_size must be >= 1, distill_steps >= 0; got {tc.steps}, "
                          f"{tc.batch_size}, {tc.distill_steps}")
-    dev = _device(tc.device)
+    dev = resolve_device(tc.device)
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -183,8 +164,8 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, **overrid
     ema = EMA(model, power=tc.ema_power)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     ts = state["train_state"] if state else {}
-    p1 = _Phase(tc.steps, tc.stop_at, tc.lr, tc.warmup, tc.grad_clip, tc.log_every, tc.ckpt_every, tc.time_budget_min)
-    p2 = _Phase(tc.distill_steps, 0, tc.distill_lr, 0, tc.grad_clip, tc.log_every, tc.ckpt_every, tc.time_budget_min)
+    p1 = tc  # the loop reads steps, stop_at, lr, warmup, grad_clip, log_every, ckpt_every, time_budget_min
+    p2 = replace(tc, steps=tc.distill_steps, stop_at=0, lr=tc.distill_lr, warmup=0)
     prog1 = Progress(*ts.get("diffusion_progress", (0, 0.0, [])))
     prog2 = Progress(*ts.get("distill_progress", (0, 0.0, [])))
     if ts:
@@ -193,7 +174,6 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, **overrid
         if "optimizer" in ts:
             opt.load_state_dict(ts["optimizer"])
     steps = np.arange(data.n_steps)
-    metrics: dict[str, Any] = {}
 
     def batch_at(phase: str, step: int) -> tuple[dict[str, torch.Tensor], torch.Generator]:
         rng = np.random.default_rng([tc.seed, 0 if phase == "diffusion" else 1, step])

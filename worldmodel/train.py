@@ -128,12 +128,15 @@ def dataset_paths(cfg: DataConfig, progress: bool = True) -> list[str]:
 # ---------------------------------------------------------------------------- distributed
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when there is one, else CPU) or a torch device name."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def _dist_setup(device: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)

@@ -27,15 +27,6 @@ T, A, C = 8, 2, 4
 TINY = {"down_dims": (16, 32), "n_groups": 4, "step_embed_dim": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors on a shared 2-core machine: thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-mode chunks: x0 = +-0.8 tanh(W c), the sign a coin flip the cond does not reveal."""
     gen = torch.Generator().manual_seed(seed)

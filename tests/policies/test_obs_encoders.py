@@ -12,15 +12,6 @@ from policies.obs_encoders import RGBDResNetEncoder, SlotSetEncoder, SpatialSoft
 B, TO, K, SLOT_F, P = 3, 2, 6, 12, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors on a shared 2-core machine: thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def slot_encoder(**kw) -> SlotSetEncoder:
     torch.manual_seed(0)
     return SlotSetEncoder(slot_dim=SLOT_F, n_obs=TO, proprio_dim=P, out_dim=32, hidden=32, **kw).eval()

@@ -25,14 +25,6 @@ from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, default_stat
 TINY_POLICY = {"down_dims": [16, 32], "n_groups": 4, "cond_dim": 32, "set_hidden": 32, "set_layers": 1, "cnn_width": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory) -> str:
     from sim.collect import collect

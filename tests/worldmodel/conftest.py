@@ -1,12 +1,11 @@
-"""Shared by the world-model tests: one torch thread, and a small real EgoPush dataset with
-segmentation, recorded once per test session."""
+"""Shared by the world-model tests: a small real EgoPush dataset with segmentation, recorded once
+per test session (one torch thread per module comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +18,3 @@ def wm_dataset(tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test tensors are tiny: on a shared 2-core machine, thread hand-offs cost more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
