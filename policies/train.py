@@ -84,6 +84,7 @@ class TrainPolicyConfig:
     out: str = "runs/policy_${policy.obs}"
     encoder: str = "runs/wm_encoder"  # slots policy: the frozen world-model encoder
     cache_dir: str = ""  # slots policy: where encoded demonstrations are cached; "" = <out>/cache
+    init: str = ""  # start from this policy checkpoint's weights and normalisation (fine-tuning, DAgger)
     resume: bool = True
     progress: bool = True
     data: PolicyDataConfig = field(default_factory=PolicyDataConfig)
@@ -158,9 +159,20 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, **overrid
         mcfg = replace(mcfg, image_size=list(data.rgb.shape[1:3]))
 
     state = _resume_state(out, cfg, mcfg) if cfg.resume else None
-    stats = state["stats"] if state else demo_stats(data, pc.obs) | {"task": cfg.data.task, "level": cfg.data.level}
+    init = _init_state(cfg.init, mcfg) if cfg.init and not state else None
+    if state:
+        stats = state["stats"]
+    elif init:
+        stats = init["stats"]
+    else:
+        stats = demo_stats(data, pc.obs) | {"task": cfg.data.task, "level": cfg.data.level}
     resolved = _resolved(cfg, mcfg)
     model = DiffusionPolicy(mcfg, stats).to(dev)
+    if init:
+        from worldmodel.checkpoint import load_state_strict
+
+        load_state_strict(model, init["weights"], cfg.init)
+        model.distilled.fill_(False)  # its student was distilled from the old teacher: distil again
     ema = EMA(model, power=tc.ema_power)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     ts = state["train_state"] if state else {}
@@ -258,6 +270,20 @@ def _resume_state(out: Path, cfg: TrainPolicyConfig, mcfg: PolicyConfig) -> dict
         raise ValueError(f"{out} holds a different run (policy config differs); pass out=<new dir> or resume=false")
     return {"stats": stats, "metrics": read_json(out / "metrics.json"),
             "train_state": torch.load(out / "train_state.pt", weights_only=False)}
+
+
+def _init_state(directory: str, mcfg: PolicyConfig) -> dict[str, Any]:
+    """The weights and normalisation of the checkpoint a run starts from (`init=`), after checking it
+    has this run's shape."""
+    config, weights, stats = read_checkpoint(directory)
+    if config.get("stage") != "policy":
+        raise ValueError(f"init={directory} is not a policy checkpoint (stage {config.get('stage')!r})")
+    theirs, ours = config.get("policy", {}), policy_config_dict(mcfg)
+    differ = sorted(k for k in ours if k not in ("sampler",) and theirs.get(k) != ours[k])
+    if differ:
+        raise ValueError(f"init={directory} has another policy shape: " + ", ".join(
+            f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in differ))
+    return {"weights": weights, "stats": stats}
 
 
 def load_policy(directory: str | Path, device: str | torch.device = "cpu") -> tuple[DiffusionPolicy, dict[str, Any]]:

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 import mujoco
@@ -73,6 +73,9 @@ class CollectConfig:
     seed: int = 0  # base reset seed
     workers: int = 2  # worker processes; 0 runs episodes in this process
     policy: str = "expert"  # expert | noisy_expert | random
+    # any Controller as a Hydra `_target_` mapping (as ego-eval takes it), instead of `policy`: built once
+    # per worker, reset per episode; it records its `label` attribute when it sets one (e.g. DAgger)
+    controller: Optional[dict[str, Any]] = None  # noqa: UP045 (OmegaConf reads the annotation)
     image_size: int = 64
     max_steps: int | None = None  # None: the task's default time limit
     randomize: bool = False  # all domain randomisation on
@@ -111,6 +114,8 @@ def to_config(config: Any, schema: type, overrides: Mapping[str, Any] | None = N
 def _check(cfg: CollectConfig) -> None:
     """Options that `env_kwargs` does not check."""
     check_choice("policy", cfg.policy, POLICIES)
+    if cfg.controller is not None and "_target_" not in cfg.controller:
+        raise ValueError(f"controller must be a mapping with a '_target_' key; got {cfg.controller!r}")
     if cfg.episodes < 0 or cfg.workers < 0:
         raise ValueError(f"episodes and workers must be >= 0; got {cfg.episodes}, {cfg.workers}")
     if len(cfg.noise_std) != 2 or min(cfg.noise_std) < 0:
@@ -174,12 +179,17 @@ class EpisodeRecorder:
     """Worker-side runner: builds its env once, then records one episode per call."""
 
     def __init__(self, env_args: dict[str, Any], policy: str, noise_std: Sequence[float], noise_prob: float,
-                 overview: bool = False) -> None:
+                 overview: bool = False, controller: dict[str, Any] | None = None) -> None:
         self.env = EgoPushEnv(render_mode="rgb_array" if overview else None, **env_args)
         self.policy, self.noise_std, self.noise_prob, self.overview = policy, noise_std, noise_prob, overview
+        self.controller = None
+        if controller is not None:
+            from hydra.utils import instantiate
+
+            self.controller = instantiate(controller)
 
     def __call__(self, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        controller = make_policy(self.policy, seed, self.noise_std, self.noise_prob)
+        controller = self.controller or make_policy(self.policy, seed, self.noise_std, self.noise_prob)
         columns: dict[str, list] = {}
         episode_return = 0.0
         for tr in rollout(self.env, controller, seed, overview=self.overview):
@@ -395,7 +405,9 @@ def dataset_meta(cfg: CollectConfig, env_args: dict[str, Any]) -> dict[str, Any]
         env.close()
     h, w = obs["rgb"].shape[:2]
     policy: dict[str, Any] = {"name": cfg.policy}
-    if cfg.policy == "noisy_expert":
+    if cfg.controller is not None:
+        policy = {"name": "controller", "controller": dict(cfg.controller)}
+    elif cfg.policy == "noisy_expert":
         policy |= {"noise_std": list(cfg.noise_std), "noise_prob": cfg.noise_prob}
     return {
         "task": cfg.task,
@@ -446,7 +458,7 @@ def collect(config: CollectConfig | Mapping[str, Any] | DictConfig | None = None
         wanted = range(cfg.seed, cfg.seed + cfg.episodes)
         todo = [s for s in wanted if not writer.has_seed(s)]
         recorder = partial(EpisodeRecorder, args, cfg.policy, tuple(cfg.noise_std), cfg.noise_prob,
-                           cfg.render_overview)
+                           cfg.render_overview, cfg.controller)
         n_steps = n_new = n_success = n_discarded = 0
         bar = tqdm(total=len(todo), unit="ep", desc=f"collect {cfg.task}/{cfg.level}", disable=not cfg.progress,
                    dynamic_ncols=True)

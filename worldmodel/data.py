@@ -17,7 +17,7 @@ from torch import Tensor
 from sim.dataset import EpisodeDataset
 
 FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose")
-OPTIONAL_KEYS = ("segmentation", "object_poses", "visible", "action", "executed_action", "proprio", "robot_pose")
+OPTIONAL_KEYS = ("segmentation", "object_poses", "goal", "visible", "action", "executed_action", "proprio", "robot_pose")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Clips:
             raise ValueError("no datasets given")
         parts: dict[str, list[np.ndarray]] = {}
         starts, ends, offset, size = [], [], 0, None
-        n_obj = 0
+        n_obj = n_goal = 0
         sets = []
         for p in paths:
             ds = EpisodeDataset.open(p)
@@ -53,6 +53,8 @@ class Clips:
             size = hw
             if "object_poses" in ds.keys:
                 n_obj = max(n_obj, ds.schema["object_poses"][1][0])
+            if "goal" in ds.keys:
+                n_goal = max(n_goal, ds.schema["goal"][1][0])
             sets.append(ds)
         keys = [k for k in (*FRAME_KEYS, *OPTIONAL_KEYS) if all(k in ds.keys for ds in sets)]
         for ds in sets:
@@ -67,9 +69,10 @@ class Clips:
                     a = ep[k]
                     if k == "depth":
                         a = a.astype(np.float16)  # 2 mm at 4 m, half the memory
-                    if k in ("object_poses", "visible") and a.shape[1] < n_obj:
-                        fill = np.full((length, n_obj - a.shape[1], *a.shape[2:]), np.nan if k == "object_poses"
-                                       else False, a.dtype)
+                    n = n_goal if k == "goal" else n_obj
+                    if k in ("object_poses", "visible", "goal") and a.shape[1] < n:
+                        fill = np.full((length, n - a.shape[1], *a.shape[2:]), False if k == "visible" else np.nan,
+                                       a.dtype)
                         a = np.concatenate([a, fill], 1)
                     parts.setdefault(k, []).append(a)
         arrays = {k: np.concatenate(v) for k, v in parts.items()}

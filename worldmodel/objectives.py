@@ -12,7 +12,8 @@
   slot splits an object.
 - Centre supervision (weight `center_weight`): the matched slot's centre estimate
   (`EncoderOutput.geometry[..., :2]`) against the object's true planar position, Huber in units of
-  `CENTER_HUBER_M`, on frames where the object shows at least `MIN_CENTER_PIXELS` pixels.
+  `CENTER_HUBER_M`, on frames where the object shows at least `MIN_CENTER_PIXELS` pixels; goal
+  markers (segmentation ids from `GOAL_SEG_ID`) against the goal positions when the batch has them.
 Segmentation and object poses are training signals only: the encoder never sees them as input.
 """
 
@@ -26,8 +27,11 @@ from torch import Tensor
 
 from worldmodel.encoder import EncoderOutput
 from worldmodel.metrics import FIRST_OBJECT_ID
+from sim.env import GOAL_SEG_ID
 
 MIN_CENTER_PIXELS = 20
+MIN_GOAL_CENTER_PIXELS = 4  # a goal disc is small and flat: its visible centroid is good from a few pixels
+MIN_BALANCE_PIXELS = 16  # object_balance: fewer pixels than this weigh as this many
 CENTER_HUBER_M = 0.05
 
 Matches = list[tuple[np.ndarray, np.ndarray]]
@@ -76,7 +80,7 @@ def edge_pixels(segmentation: Tensor) -> Tensor:
 
 
 def mask_supervision_loss(out: EncoderOutput, segmentation: Tensor, boundary_weight: float = 1.0,
-                          matches: Matches | None = None) -> Tensor:
+                          matches: Matches | None = None, object_balance: bool = False) -> Tensor:
     """Cross-entropy of the alpha masks against clip-consistently matched object ids.
     segmentation (B, T, H, W) integer ids."""
     masks = out.masks
@@ -95,6 +99,11 @@ def mask_supervision_loss(out: EncoderOutput, segmentation: Tensor, boundary_wei
             target[i][seg[i] == FIRST_OBJECT_ID + int(o)] = int(s)
             matched[i, int(s)] = True
     weight = 1.0 + (boundary_weight - 1.0) * edge_pixels(seg).float()
+    if object_balance:  # each object of each frame weighs as one (mean) object, whatever its size
+        onehot = object_onehot(seg)  # (B, T, O, H, W)
+        count = onehot.sum((-1, -2), keepdim=True).clamp(min=MIN_BALANCE_PIXELS)
+        mean_count = onehot.sum() / (onehot.sum((-1, -2)) > 0).sum().clamp(min=1)
+        weight = weight * ((onehot * mean_count / count).sum(2) + (onehot.sum(2) == 0).float())
     fg = target >= 0
     losses = []
     if fg.any():
@@ -109,19 +118,27 @@ def mask_supervision_loss(out: EncoderOutput, segmentation: Tensor, boundary_wei
     return sum(losses) / max(len(losses), 1) if losses else masks.sum() * 0.0
 
 
-def center_loss(out: EncoderOutput, segmentation: Tensor, object_poses: Tensor, matches: Matches) -> Tensor:
+def center_loss(out: EncoderOutput, segmentation: Tensor, object_poses: Tensor, matches: Matches,
+                goals: Tensor | None = None) -> Tensor:
     """Huber (metres) between matched slots' planar centre estimates and the objects' true positions.
-    object_poses (B, T, O, 3) x, y, yaw (NaN where an episode has fewer objects)."""
+    object_poses (B, T, O, 3) x, y, yaw (NaN where an episode has fewer objects); goals (B, T, G, 2)
+    the goal markers' positions (NaN where fewer), or None to leave goal markers out."""
     counts = object_onehot(segmentation).sum((-1, -2))  # (B, T, O)
+    first_goal = GOAL_SEG_ID - FIRST_OBJECT_ID  # object index of goal marker 0
     pred, true = [], []
     for i, (objs, slots) in enumerate(matches):
         for o, s in zip(objs, slots):
-            if int(o) >= object_poses.shape[2]:  # a goal marker (sim.env.GOAL_SEG_ID): no pose to match
+            o = int(o)
+            if o < object_poses.shape[2]:
+                xy, least = object_poses[i, :, o, :2], MIN_CENTER_PIXELS
+            elif goals is not None and first_goal <= o < first_goal + goals.shape[2]:
+                xy, least = goals[i, :, o - first_goal], MIN_GOAL_CENTER_PIXELS
+            else:
                 continue
-            seen = (counts[i, :, int(o)] >= MIN_CENTER_PIXELS) & torch.isfinite(object_poses[i, :, int(o), :2]).all(-1)
+            seen = (counts[i, :, o] >= least) & torch.isfinite(xy).all(-1)
             if seen.any():
                 pred.append(out.geometry[i, seen, int(s), :2])
-                true.append(object_poses[i, seen, int(o), :2])
+                true.append(xy[seen])
     if not pred:
         return out.geometry.sum() * 0.0
     # in units of CENTER_HUBER_M, so that the loss is about 1 at a few centimetres, like the others
@@ -129,7 +146,8 @@ def center_loss(out: EncoderOutput, segmentation: Tensor, object_poses: Tensor, 
 
 
 def encoder_loss(out: EncoderOutput, batch: dict[str, Tensor], depth_weight: float = 1.0, mask_weight: float = 0.0,
-                 boundary_weight: float = 1.0, center_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+                 boundary_weight: float = 1.0, center_weight: float = 0.0,
+                 object_balance: bool = False) -> tuple[Tensor, dict[str, float]]:
     """Total loss and its parts (floats, for logging)."""
     rec = reconstruction_loss(out, depth_weight)
     parts = {"recon": float(rec.detach())}
@@ -142,13 +160,13 @@ def encoder_loss(out: EncoderOutput, batch: dict[str, Tensor], depth_weight: flo
         onehot = object_onehot(seg)
         matches = match_objects_to_slots(torch.log(out.masks.clamp(min=1e-6)), onehot) if onehot.shape[2] else []
     if mask_weight > 0:
-        sup = mask_supervision_loss(out, seg, boundary_weight, matches)
+        sup = mask_supervision_loss(out, seg, boundary_weight, matches, object_balance)
         parts["mask_ce"] = float(sup.detach())
         loss = loss + mask_weight * sup
     if center_weight > 0:
         if "object_poses" not in batch:
             raise ValueError("center_weight > 0 needs datasets with object_poses")
-        cen = center_loss(out, seg, batch["object_poses"], matches)
+        cen = center_loss(out, seg, batch["object_poses"], matches, batch.get("goal"))
         parts["center"] = float(cen.detach())
         loss = loss + center_weight * cen
     parts["loss"] = float(loss.detach())

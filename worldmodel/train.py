@@ -80,6 +80,7 @@ class TrainConfig:
     mask_weight: float = 1.0  # simulator segmentation as an auxiliary mask target; 0 = unsupervised
     boundary_weight: float = 3.0  # weight of pixels on an edge between two ids in the mask target
     center_weight: float = 0.5  # simulator object positions as a target of the slots' centre estimates; 0 = off
+    object_balance: bool = True  # every object weighs the same in the mask target, whatever its pixel count
     time_budget_min: float = 45.0  # stop (with a checkpoint) after this much training time; <= 0: no limit
     log_every: int = 25
     ckpt_every: int = 250
@@ -207,7 +208,8 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
         rng = np.random.default_rng([tc.seed, rank, step])  # resumable sampling, different per rank
         batch = clips.batch(rng.choice(starts, size=tc.batch_size), tc.clip_len, device=dev)
         out_ = ddp(batch["rgb"], batch["depth"], batch["intrinsics"], batch["cam_pose"])
-        return encoder_loss(out_, batch, tc.depth_weight, tc.mask_weight, tc.boundary_weight, tc.center_weight)
+        return encoder_loss(out_, batch, tc.depth_weight, tc.mask_weight, tc.boundary_weight, tc.center_weight,
+                            tc.object_balance)
 
     def save(parts: dict[str, float], final: bool) -> None:
         metrics = _metrics(progress.step, progress.train_s, progress.history, parts, world, tc) | {"finished": final}

@@ -45,12 +45,13 @@ def encoder_dir(tmp_path_factory) -> Path:
 
 
 def _train(out: Path, demos: str, encoder_dir: Path, obs: str = "slots", steps: int = 30, distill: int = 10,
-           **extra) -> dict:
+           train_overrides: dict | None = None, **extra) -> dict:
     return train({"out": str(out), "encoder": str(encoder_dir), "progress": False,
                   "data": {"paths": [demos], "task": "single", "level": "easy"},
                   "policy": {**TINY_POLICY, "obs": obs},
                   "train": {"steps": steps, "distill_steps": distill, "batch_size": 16, "warmup": 2, "lr": 1e-3,
-                            "log_every": 1, "ckpt_every": 1000, "time_budget_min": 0}, **extra})
+                            "log_every": 1, "ckpt_every": 1000, "time_budget_min": 0, **(train_overrides or {})},
+                  **extra})
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +286,64 @@ def test_world_model_guided_selection_executes_the_chunk_the_predictor_scores_be
     assert np.isfinite(np.stack(acts)).all()
     with pytest.raises(ValueError, match="needs predictor"):
         DiffusionPolicyController(slots_policy, select=4)
+
+
+# -- DAgger and fine-tuning ------------------------------------------------------
+
+
+def test_dagger_controller_drives_with_the_learner_and_labels_with_the_expert(slots_policy):
+    from policies.dagger import DAggerController
+    from sim.experts import PushExpert
+
+    frames = _episode_obs(n=5)
+    learner = DiffusionPolicyController(slots_policy, task="single")
+    expert = PushExpert()
+    learner.reset(*frames[0])
+    expert.reset(*frames[0])
+    want_exec = [learner.act(o, i) for o, i in frames]
+    want_label = [expert.act(o, i) for o, i in frames]
+    for beta, executed in ((0.0, want_exec), (1.0, want_label)):
+        c = DAggerController(str(slots_policy), beta=beta, task="single")
+        c.reset(*frames[0])
+        for (o, i), e, lab in zip(frames, executed, want_label):
+            np.testing.assert_array_equal(c.act(o, i), e)
+            np.testing.assert_array_equal(c.label, lab)
+    with pytest.raises(ValueError, match="beta"):
+        DAggerController(str(slots_policy), beta=1.5)
+
+
+def test_ego_dagger_round_labels_learner_episodes_and_fine_tunes_from_the_learner(slots_policy, demos, tmp_path):
+    from policies.dagger import run_dagger
+    from sim.dataset import EpisodeDataset
+
+    train_opts = {"steps": 3, "distill_steps": 2, "batch_size": 8, "warmup": 1, "log_every": 1,
+                  "time_budget_min": 0}
+    args = dict(policy=str(slots_policy), out=str(tmp_path / "dagger"), demos=[demos], episodes=2, max_steps=12,
+                workers=0, train=train_opts, progress=False)
+    m = run_dagger(**args)
+    (r,) = m["rounds"]
+    ds = EpisodeDataset.open(r["data"])
+    assert ds.n_episodes == 2 and ds.meta["policy"]["controller"]["checkpoint"] == str(slots_policy)
+    ep = ds.episode(0)
+    assert len(ep["action"]) == 12 and not np.allclose(ep["action"], ep["executed_action"])  # learner drove
+    assert r["demo_steps"] == len(load_demos([demos], "cnn").action) + 24  # demos + both rollouts
+    policy, config = load_policy(r["policy"])
+    assert config["init"] == str(slots_policy) and bool(policy.distilled)
+    again = run_dagger(**args)  # a rerun resumes: nothing new collected or trained
+    assert again["rounds"][0]["steps"] == 0 and again["rounds"][0]["train_steps"] == 3
+    with pytest.raises(ValueError, match="not a policy checkpoint"):
+        run_dagger(**args | {"policy": str(Path(slots_policy) / "encoder")})
+
+
+def test_init_starts_from_the_checkpoint_and_refuses_another_shape(slots_policy, demos, encoder_dir, tmp_path):
+    out = tmp_path / "ft"
+    _train(out, demos, encoder_dir, steps=1, distill=0, init=str(slots_policy),
+           train_overrides={"lr": 0.0})
+    ours, theirs = load_policy(out)[0].state_dict(), load_policy(slots_policy)[0].state_dict()
+    for k in ours:
+        if k.startswith(("unet.", "obs_encoder.", "action_")):
+            torch.testing.assert_close(ours[k], theirs[k], msg=k)
+    with pytest.raises(ValueError, match="down_dims"):
+        train({"out": str(tmp_path / "other"), "encoder": str(encoder_dir), "progress": False, "init": str(slots_policy),
+               "data": {"paths": [demos], "task": "single", "level": "easy"},
+               "policy": {**TINY_POLICY, "down_dims": [8, 16]}, "train": {"steps": 1, "time_budget_min": 0}})

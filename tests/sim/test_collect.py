@@ -213,3 +213,17 @@ def test_evaluate_rejects_bad_config():
 def test_worker_failure_is_reported_with_its_traceback():
     with pytest.raises(RuntimeError, match="(?s)a worker failed while starting.*no_such_option"):
         evaluate({"_target_": "sim.experts.PushExpert", "no_such_option": 1}, episodes=2, workers=1, progress=False)
+
+
+def test_any_controller_records_its_label(tmp_path):
+    """`controller=` takes a `_target_` mapping instead of `policy`: built once per worker, reset per episode,
+    its `label` recorded as the action (here a noisy expert built directly)."""
+    out = tmp_path / "ctrl.zarr"
+    target = {"_target_": "sim.experts.PushExpert", "noise_std": [0.1, 1.0], "noise_prob": 1.0}
+    collect(out=str(out), episodes=2, workers=0, controller=target, **SHORT)
+    ds = EpisodeDataset.open(out)
+    assert ds.n_episodes == 2 and ds.meta["policy"] == {"name": "controller", "controller": target}
+    ep = ds.episode(1)
+    assert not np.allclose(ep["action"], ep["executed_action"])
+    with pytest.raises(ValueError, match="_target_"):
+        collect(out=str(tmp_path / "bad.zarr"), episodes=1, controller={"name": "expert"}, **SHORT)

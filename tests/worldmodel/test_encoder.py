@@ -215,3 +215,44 @@ def test_config_rejects_bad_values():
         EncoderConfig(rope="3d")
     with pytest.raises(ValueError, match="divisible by patch"):
         EncoderConfig(image_size=(60, 64))
+
+
+def test_object_balance_makes_a_small_goal_disc_count_as_much_as_a_box():
+    """One frame: a 400-pixel box and a 16-pixel goal disc. Masks that put the disc in the floor's
+    slot cost little per pixel, but as much as losing half the box once every object counts the same."""
+    seg = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    seg[0, 0, 4:24, 4:24] = 3  # the box: 400 pixels
+    seg[0, 0, 26:30, 26:30] = 10  # the goal disc (sim.env.GOAL_SEG_ID): 16 pixels
+    k = 3
+    right = torch.zeros(1, 1, k, 32, 32)
+    right[:, :, 0][seg == 3] = 1
+    right[:, :, 1][seg == 10] = 1
+    right[:, :, 2][seg == 0] = 1
+    disc_lost = right.clone()
+    disc_lost[:, :, 1][seg == 10], disc_lost[:, :, 2][seg == 10] = 0, 1
+    matches = [(np.array([0, 7]), np.array([0, 1]))]
+
+    def loss(masks: torch.Tensor, balance: bool) -> torch.Tensor:
+        out = EncoderOutput(slots=torch.zeros(1, 1, k, 4), geometry=torch.zeros(1, 1, k, 5),
+                            masks=masks * 0.98 + 0.02 / k, recon=torch.zeros(1, 1, 4, 32, 32))
+        return mask_supervision_loss(out, seg, matches=matches, object_balance=balance)
+
+    base = loss(right, False)
+    assert loss(disc_lost, False) - base < 0.2  # 16 of 416 object pixels wrong: a small change
+    assert loss(disc_lost, True) - loss(right, True) > 1.0  # one of two objects wrong: half the worst case
+
+
+def test_center_loss_reaches_goal_markers_when_the_batch_has_goals(clips):
+    seg = torch.zeros(1, 2, 16, 16, dtype=torch.long)
+    seg[..., 2:6, 2:6] = 10  # goal marker 0 in view on both frames (16 pixels)
+    poses = torch.full((1, 2, 3, 3), float("nan"))
+    goals = torch.tensor([[[[0.4, -0.2]], [[0.4, -0.2]]]])
+    geometry = torch.zeros(1, 2, 2, 5)
+    geometry[..., 0, :2] = goals[:, :, 0]
+    out = EncoderOutput(slots=torch.zeros(1, 2, 2, 4), geometry=geometry, masks=torch.zeros(1, 2, 2, 16, 16),
+                        recon=torch.zeros(1, 2, 4, 16, 16))
+    matches = [(np.array([7]), np.array([0]))]
+    assert center_loss(out, seg, poses, matches) == 0  # without goals: nothing to score
+    assert center_loss(out, seg, poses, matches, goals) == 0
+    out.geometry[..., 0, 1] += 0.1  # 10 cm off across: 2 Huber units on y (1.5), x exact: mean 0.75
+    torch.testing.assert_close(center_loss(out, seg, poses, matches, goals), torch.tensor(0.75))

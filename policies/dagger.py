@@ -1,0 +1,157 @@
+"""DAgger for the diffusion policy: the learner drives, the scripted expert labels what it sees.
+
+A policy trained on the expert's own trajectories only ever saw states the expert visits; in closed
+loop its small errors take it elsewhere (the box off line, the goal behind it) and it has never seen
+how to recover. DAgger (Ross et al. 2011) rolls the learner out, asks the expert for the right action
+at every state the learner reached, adds those labelled episodes to the demonstrations and trains
+again. The expert is the simulator's scripted `PushExpert`, so labels are free.
+
+    ego-dagger policy=runs/pipeline/policy out=runs/dagger            # 1 round of 100 episodes
+    ego-dagger policy=runs/pipeline/policy rounds=2 episodes=150 beta=0.3
+
+Each round writes `<out>/round<r>/data.zarr` (an `ego-collect` dataset: `action` is the expert's
+label, `executed_action` what drove the robot) and `<out>/round<r>/policy` (the policy trained on the
+demonstrations and every round's data so far, starting from the previous round's weights). Rounds,
+collection and training all resume. `<out>/metrics.json` lists the rounds; the last round's policy is
+the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from policies.train import PolicyTrainConfig
+from sim.collect import to_config
+
+
+class DAggerController:
+    """A `sim` Controller that executes the learner's action (or, with probability `beta` per step, the
+    expert's) and sets `label` to the noise-free expert's action for the recorder.
+
+    Both see every frame: the learner streams its world-model encoder, the expert updates its memory
+    of what it has seen. The mixing is seeded per episode from the first frame, as the learner is."""
+
+    def __init__(self, checkpoint: str, beta: float = 0.0, seed: int = 0, threads: int = 1,
+                 **learner: Any) -> None:
+        from policies.controller import DiffusionPolicyController
+        from sim.experts import ExpertConfig, PushExpert
+
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1]; got {beta}")
+        self.learner = DiffusionPolicyController(checkpoint, seed=seed, threads=threads, **learner)
+        self.expert = PushExpert(ExpertConfig(seed=seed))
+        self.beta, self.seed = beta, seed
+        self.rng = np.random.default_rng(seed)
+        self.label: np.ndarray | None = None
+
+    def reset(self, obs: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+        digest = hashlib.sha256(np.ascontiguousarray(obs["rgb"]).tobytes()).digest()
+        self.rng = np.random.default_rng([int.from_bytes(digest[:8], "little"), self.seed])
+        self.learner.reset(obs, info)
+        self.expert.reset(obs, info)
+        self.label = None
+
+    def act(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> np.ndarray:
+        self.label = np.asarray(self.expert.act(obs, info), np.float32)
+        learned = self.learner.act(obs, info)
+        return self.label.copy() if self.rng.random() < self.beta else learned
+
+
+@dataclass
+class DAggerConfig:
+    """Options of `ego-dagger` (defaults mirrored in policies/conf/dagger.yaml)."""
+
+    policy: str = "runs/pipeline/policy"  # the trained policy to improve (round 0's learner)
+    out: str = "runs/dagger"
+    demos: list[str] = field(default_factory=list)  # the demonstrations; [] = those the policy was trained on
+    rounds: int = 1
+    episodes: int = 100  # learner episodes per round
+    beta: float = 0.0  # probability per step that the expert drives instead
+    seed: int = 100_000  # round r uses reset seeds seed + r * episodes ..
+    max_steps: int | None = None  # None: the task's time limit
+    workers: int = 2
+    threads: int = 1  # torch threads per collection worker
+    train: PolicyTrainConfig = field(default_factory=lambda: PolicyTrainConfig(
+        steps=2000, warmup=100, distill_steps=600, time_budget_min=6.0))  # ego-train-policy train.* per round
+    progress: bool = True
+
+
+ConfigStore.instance().store(name="dagger_schema", node=DAggerConfig)
+
+
+def run_dagger(config: DAggerConfig | DictConfig | dict | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run (or resume) the DAgger rounds; returns metrics with one entry per round."""
+    from policies.train import train
+    from sim.collect import collect
+    from worldmodel.checkpoint import read_checkpoint
+
+    cfg: DAggerConfig = to_config(config, DAggerConfig, overrides)
+    if cfg.rounds < 1 or cfg.episodes < 1:
+        raise ValueError(f"rounds and episodes must be >= 1; got {cfg.rounds}, {cfg.episodes}")
+    if not 0.0 <= cfg.beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1]; got {cfg.beta}")
+    base, _, _ = read_checkpoint(cfg.policy)
+    if base.get("stage") != "policy":
+        raise ValueError(f"{cfg.policy} is not a policy checkpoint (stage {base.get('stage')!r})")
+    data_cfg = base["data"]
+    demos = list(cfg.demos) or list(data_cfg.get("paths") or [])
+    if not demos:
+        demos = [str(Path(data_cfg["root"]) / f"{data_cfg['task']}_{data_cfg['level']}.zarr")]
+    missing = [p for p in demos if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"demonstrations {missing} not found; pass demos=[...]")
+    out = Path(cfg.out)
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    _reuse_cache(Path(base.get("cache_dir") or Path(cfg.policy) / "cache"), out / "cache")
+    learner, paths, rounds = cfg.policy, list(demos), []
+    for r in range(cfg.rounds):
+        rdir = out / f"round{r}"
+        data = str(rdir / "data.zarr")
+        target = {"_target_": "policies.dagger.DAggerController", "checkpoint": str(learner), "beta": cfg.beta,
+                  "seed": cfg.seed + r, "threads": cfg.threads, "task": data_cfg["task"]}
+        c = collect(out=data, task=data_cfg["task"], level=data_cfg["level"], episodes=cfg.episodes,
+                    seed=cfg.seed + r * cfg.episodes, workers=cfg.workers, controller=target,
+                    image_size=data_cfg.get("image_size", 64), max_steps=cfg.max_steps, only_success=False,
+                    progress=cfg.progress)
+        paths.append(data)
+        m = train({"out": str(rdir / "policy"), "init": str(learner), "encoder": str(Path(cfg.policy) / "encoder"),
+                   "cache_dir": str(out / "cache"), "progress": cfg.progress, "data": {**data_cfg, "paths": paths},
+                   "policy": base["policy"],
+                   "train": asdict(cfg.train)})
+        rounds.append({"round": r, "data": data, "policy": str(rdir / "policy"), "episodes": cfg.episodes,
+                       "learner_success_rate": c["success_rate"] if c["episodes"] else None,
+                       "steps": c["steps"], "train_steps": m["diffusion_steps"], "demo_steps": m["demo_steps"]})
+        learner = rdir / "policy"
+    metrics = {"policy": str(learner), "base": cfg.policy, "demos": demos, "rounds": rounds}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def _reuse_cache(src: Path, dst: Path) -> None:
+    """Copy the base policy's encoded demonstrations (slot tokens, keyed by encoder and dataset) so that
+    the rounds encode only their own rollouts."""
+    if src.is_dir():
+        for f in src.glob("*.npy"):
+            if not (dst / f.name).exists():
+                shutil.copy2(f, dst / f.name)
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="dagger")
+def main(cfg: DictConfig) -> None:
+    from sim.collect import run_cli
+
+    run_cli("ego-dagger", lambda: run_dagger(cfg), kept=cfg.out)
+
+
+if __name__ == "__main__":
+    main()
