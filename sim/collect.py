@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 import mujoco
@@ -73,9 +73,9 @@ class CollectConfig:
     seed: int = 0  # base reset seed
     workers: int = 2  # worker processes; 0 runs episodes in this process
     policy: str = "expert"  # expert | noisy_expert | random
-    # any Controller as a Hydra `_target_` mapping (as ego-eval takes it), instead of `policy`: built once
-    # per worker, reset per episode; it records its `label` attribute when it sets one (e.g. DAgger)
-    controller: Optional[dict[str, Any]] = None  # noqa: UP045 (OmegaConf reads the annotation)
+    # any Controller as a Hydra `_target_` mapping (as ego-eval takes it) instead of `policy` ({} = policy):
+    # built once per worker, reset per episode; its `label` attribute is recorded when it sets one (DAgger)
+    controller: dict[str, Any] = field(default_factory=dict)
     image_size: int = 64
     max_steps: int | None = None  # None: the task's default time limit
     randomize: bool = False  # all domain randomisation on
@@ -114,7 +114,7 @@ def to_config(config: Any, schema: type, overrides: Mapping[str, Any] | None = N
 def _check(cfg: CollectConfig) -> None:
     """Options that `env_kwargs` does not check."""
     check_choice("policy", cfg.policy, POLICIES)
-    if cfg.controller is not None and "_target_" not in cfg.controller:
+    if cfg.controller and "_target_" not in cfg.controller:
         raise ValueError(f"controller must be a mapping with a '_target_' key; got {cfg.controller!r}")
     if cfg.episodes < 0 or cfg.workers < 0:
         raise ValueError(f"episodes and workers must be >= 0; got {cfg.episodes}, {cfg.workers}")
@@ -405,7 +405,7 @@ def dataset_meta(cfg: CollectConfig, env_args: dict[str, Any]) -> dict[str, Any]
         env.close()
     h, w = obs["rgb"].shape[:2]
     policy: dict[str, Any] = {"name": cfg.policy}
-    if cfg.controller is not None:
+    if cfg.controller:
         policy = {"name": "controller", "controller": dict(cfg.controller)}
     elif cfg.policy == "noisy_expert":
         policy |= {"noise_std": list(cfg.noise_std), "noise_prob": cfg.noise_prob}
@@ -458,7 +458,7 @@ def collect(config: CollectConfig | Mapping[str, Any] | DictConfig | None = None
         wanted = range(cfg.seed, cfg.seed + cfg.episodes)
         todo = [s for s in wanted if not writer.has_seed(s)]
         recorder = partial(EpisodeRecorder, args, cfg.policy, tuple(cfg.noise_std), cfg.noise_prob,
-                           cfg.render_overview, cfg.controller)
+                           cfg.render_overview, cfg.controller or None)
         n_steps = n_new = n_success = n_discarded = 0
         bar = tqdm(total=len(todo), unit="ep", desc=f"collect {cfg.task}/{cfg.level}", disable=not cfg.progress,
                    dynamic_ncols=True)

@@ -230,7 +230,7 @@ class EgoPushEnv(gym.Env):
             self.objects = [*BOX_NAMES, *DISTRACTOR_NAMES[: cfg.n_distractors]]
         self._objects_qidx = np.array([self._obj[n]["qadr"] + np.arange(7) for n in self.objects])
         self._place_scene(rng)
-        if self.formation is not None:  # neutral slot markers; the single task's goal keeps the target's hue
+        if self.formation is not None:  # neutral slot markers; the single task's goal disc is green
             m.geom_rgba[self._marker_geoms[0]] = [0.95, 0.95, 0.95, 1]
         self._steps = 0
         self._n_clipped = 0
