@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.observation import SLOT_GEOMETRY_DIM, SlotMemory, rgbd_image, robot_state, slot_tokens
+from policies.observation import (SLOT_GEOMETRY_DIM, SlotMemory, rgbd_image, robot_state, slot_tokens,
+                                  visible_features)
 
 
 class CheckpointMismatch(ValueError):
@@ -171,7 +172,7 @@ class DiffusionPolicyController:
             out, self._stream = self.encoder.step(t["rgb"], t["depth"].float(), t["intrinsics"].float(), cam,
                                                   self._stream)
             h, w = t["rgb"].shape[1:3]
-            x = slot_tokens(out.features[:, 0], out.extras["pixels"][:, 0], cam, h * w, self._memory)[0]
+            x = slot_tokens(visible_features(out)[:, 0], out.extras["pixels"][:, 0], cam, h * w, self._memory)[0]
         else:
             x = rgbd_image(t["rgb"], t["depth"])[0]
         self._history.append((x.float(), state))

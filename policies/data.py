@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from policies.observation import SlotMemory, rgbd_image, robot_state, slot_tokens
+from policies.observation import SlotMemory, rgbd_image, robot_state, slot_tokens, visible_features
 from sim.dataset import EpisodeDataset
 
-CACHE_VERSION = 2  # 2: slot memory and the age feature
+CACHE_VERSION = 3  # 2: slot memory and the age feature; 3: visible centroids
 FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio")
 
 
@@ -176,8 +176,8 @@ def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarra
                          for k in ("rgb", "depth", "intrinsics", "cam_pose")}
                 enc, state = encoder.step(frame["rgb"], frame["depth"].float(), frame["intrinsics"].float(),
                                           frame["cam_pose"].float(), state)
-                tok = slot_tokens(enc.features[:, 0], enc.extras["pixels"][:, 0], frame["cam_pose"].float(), h * w,
-                                  memory)
+                tok = slot_tokens(visible_features(enc)[:, 0], enc.extras["pixels"][:, 0], frame["cam_pose"].float(),
+                                  h * w, memory)
                 parts.append(tok.float().cpu().numpy())
                 bar.update(int((lengths[group] > t).sum()))
             stacked = np.stack(parts, 1)  # (G, T_max, K, F)

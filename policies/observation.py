@@ -63,6 +63,14 @@ class SlotMemory:
         return self.centre, self.age
 
 
+def visible_features(out) -> Tensor:
+    """An `EncoderOutput`'s slot vectors with the visible centroid of each slot's pixels (B, T, K, S + 5):
+    what the policy reads. The centroid is measured (depth under the slot's mask); `CenterHead`'s
+    learned move behind the surface is left to the probe, since a policy learns a constant offset
+    itself and an offset that goes wrong moves the box it must push."""
+    return torch.cat([out.slots, out.extras["centroid"]], dim=-1)
+
+
 def slot_tokens(features: Tensor, pixels: Tensor, cam_pose: Tensor, image_pixels: int,
                 memory: SlotMemory | None = None) -> Tensor:
     """Encoder features (B, K, S + 5) (slot vector, world centre x y z, planar view direction),

@@ -120,8 +120,10 @@ def demo_stats(data: DemoData, kind: str) -> dict[str, Any]:
     return stats
 
 
-def train(config: TrainPolicyConfig | DictConfig | dict | None = None, **overrides: Any) -> dict[str, Any]:
-    """Train (or resume) a policy; returns its metrics."""
+def train(config: TrainPolicyConfig | DictConfig | dict | None = None, *, demos: DemoData | None = None,
+          **overrides: Any) -> dict[str, Any]:
+    """Train (or resume) a policy; returns its metrics. `demos`: observations built elsewhere (e.g. the
+    privileged tokens of benchmarks/policy_oracle_perception.py) instead of collecting and encoding."""
     cfg: TrainPolicyConfig = to_config(config, TrainPolicyConfig, overrides)
     tc, pc = cfg.train, cfg.policy
     pc.check()
@@ -135,23 +137,7 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, **overrid
     torch.manual_seed(tc.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = demo_paths(cfg.data, cfg.progress)
-
-    encoder = None
-    if pc.obs == "slots":
-        from worldmodel.train import load_encoder
-
-        if not (Path(cfg.encoder) / "model.safetensors").exists():
-            raise ValueError(f"encoder={cfg.encoder!r} is not an encoder checkpoint directory; train one first "
-                             "(ego-train-wm stage=encoder) or use policy.obs=cnn")
-        encoder = load_encoder(cfg.encoder, dev)
-        (out / "encoder").mkdir(exist_ok=True)
-        for f in ENCODER_FILES:
-            if (Path(cfg.encoder) / f).exists():
-                shutil.copy2(Path(cfg.encoder) / f, out / "encoder" / f)
-    data = load_demos(paths, pc.obs, encoder, cache_dir=cfg.cache_dir or out / "cache", encoder_dir=cfg.encoder, device=dev,
-                      seed=tc.seed, progress=cfg.progress)
-    del encoder
+    data = demos if demos is not None else _load_data(cfg, out, dev)
     mcfg = replace(pc, state_dim=data.state.shape[-1], action_dim=data.action.shape[-1])
     if pc.obs == "slots":
         mcfg = replace(mcfg, token_dim=data.tokens.shape[-1], num_slots=data.tokens.shape[-2])
@@ -247,6 +233,27 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, **overrid
     metrics = summary(finished(prog1, p1) and (tc.distill_steps == 0 or finished(prog2, p2)))
     write_report(out, cfg, metrics)
     return metrics
+
+
+def _load_data(cfg: TrainPolicyConfig, out: Path, dev: torch.device) -> DemoData:
+    """The demonstrations (collected first if missing), encoded into slot tokens for the slots policy
+    (the encoder copied into <out>/encoder) or as frames for the CNN."""
+    pc, tc = cfg.policy, cfg.train
+    paths = demo_paths(cfg.data, cfg.progress)
+    encoder = None
+    if pc.obs == "slots":
+        from worldmodel.train import load_encoder
+
+        if not (Path(cfg.encoder) / "model.safetensors").exists():
+            raise ValueError(f"encoder={cfg.encoder!r} is not an encoder checkpoint directory; train one first "
+                             "(ego-train-wm stage=encoder) or use policy.obs=cnn")
+        encoder = load_encoder(cfg.encoder, dev)
+        (out / "encoder").mkdir(exist_ok=True)
+        for f in ENCODER_FILES:
+            if (Path(cfg.encoder) / f).exists():
+                shutil.copy2(Path(cfg.encoder) / f, out / "encoder" / f)
+    return load_demos(paths, pc.obs, encoder, cache_dir=cfg.cache_dir or out / "cache", encoder_dir=cfg.encoder,
+                      device=dev, seed=tc.seed, progress=cfg.progress)
 
 
 def _diffusion_step(model: DiffusionPolicy, batch: dict[str, torch.Tensor], gen: torch.Generator

@@ -87,7 +87,8 @@ class EncoderOutput:
     masks: Tensor  # (B, T, K, H, W) per-pixel alpha, sums to 1 over K
     recon: Tensor  # (B, T, 4, H, W) reconstructed normalised RGB-D
     attn: Tensor | None = None  # (B, T, K, N) last slot-attention weights, normalised over slots
-    # "target": (B, T, 4, H, W) the normalised input; "pixels": (B, T, K) valid-depth pixels each slot wins
+    # "target": (B, T, 4, H, W) the normalised input; "pixels": (B, T, K) valid-depth pixels each slot wins;
+    # "centroid": (B, T, K, 5) the visible centroid + direction, before `CenterHead` moves it
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -402,11 +403,10 @@ class ObjectCentricEncoder(nn.Module):
         masks = torch.softmax(logits, dim=1).view(b, t, k, h, w)
         rgbd = rgbd.view(b, t, k, 4, h, w)
         recon = (masks.unsqueeze(3) * rgbd).sum(2)
-        geometry, pixels = mask_geometry(masks, depth, intrinsics, cam_pose)
-        if self.center is not None:
-            geometry = self.center(slots, geometry, pixels)
+        centroid, pixels = mask_geometry(masks, depth, intrinsics, cam_pose)
+        geometry = self.center(slots, centroid, pixels) if self.center is not None else centroid
         return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon, attn=attn,
-                             extras={"target": x_in, "pixels": pixels})
+                             extras={"target": x_in, "pixels": pixels, "centroid": centroid})
 
     # -- streaming (robot) -----------------------------------------------------
 

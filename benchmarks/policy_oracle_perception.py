@@ -1,0 +1,166 @@
+"""What perfect perception would give the slots policy: the same diffusion policy, data and budget,
+with the world-model slots replaced by privileged object tokens.
+
+    python benchmarks/policy_oracle_perception.py                       # on the pipeline's demonstrations
+    python benchmarks/policy_oracle_perception.py --demos data/policy/single_easy.zarr --out runs/policy_oracle
+    python benchmarks/policy_oracle_perception.py --quick               # a few steps and episodes: the path only
+
+One token per object and goal marker, built as a perfect slot memory would: its one-hot identity,
+its planar position in the robot's frame and the direction to it, and how long since the robot's
+field of view last held it (the simulator's `visible` / `goal_visible`); out of view it keeps the
+last position seen. Everything else is the slots policy's: `SlotSetEncoder`, the U-Net, DDPM then
+consistency distillation, the robot state, the evaluation seeds. The gap between this figure and
+`policy_success` is what the encoder's slots cost. Metric `success_rate` with `policy` =
+`oracle-tokens` (a diagnostic upper bound, not a deployable policy: it reads privileged state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+from _common import emit, machine  # first: puts the repository on the import path
+
+BENCH = "policy_oracle_perception"
+NEVER_SEEN = 1000.0
+
+
+class OracleTokens:
+    """Per-episode memory of where each object and goal was last seen -> tokens (K, K + 5)."""
+
+    def __init__(self) -> None:
+        self.pos: np.ndarray | None = None
+        self.age: np.ndarray | None = None
+
+    def __call__(self, robot_pose, object_poses, goals, visible, goal_visible) -> np.ndarray:
+        pos = np.concatenate([np.asarray(object_poses)[:, :2], np.asarray(goals)], 0)
+        seen = np.concatenate([visible, goal_visible], 0).astype(bool)
+        if self.pos is None:
+            self.pos, self.age = pos.copy(), np.where(seen, 0.0, NEVER_SEEN)
+        else:
+            self.pos = np.where(seen[:, None], pos, self.pos)
+            self.age = np.where(seen, 0.0, np.minimum(self.age + 1, NEVER_SEEN))
+        x, y, yaw = robot_pose
+        d = self.pos - np.array([x, y])
+        c, s = math.cos(yaw), math.sin(yaw)
+        local = np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], -1)
+        direction = local / np.maximum(np.linalg.norm(local, axis=-1, keepdims=True), 1e-6)
+        k = len(pos)
+        age = np.log1p(self.age) / np.log1p(NEVER_SEEN)
+        return np.concatenate([np.eye(k), local, direction, age[:, None]], -1).astype(np.float32)
+
+
+def load_oracle_demos(paths: list[str]):
+    """Demonstrations as `policies.data.DemoData` with privileged tokens in place of slot tokens."""
+    import torch
+
+    from policies.data import DemoData
+    from policies.observation import robot_state
+    from sim.dataset import EpisodeDataset
+
+    keys = ["proprio", "cam_pose", "action", "robot_pose", "object_poses", "goal", "visible", "goal_visible"]
+    state, action, tokens, lengths = [], [], [], []
+    for p in paths:
+        ds = EpisodeDataset.open(p)
+        for e in range(ds.n_episodes):
+            ep = ds.episode(e, keys)
+            cam = torch.from_numpy(ep["cam_pose"])
+            state.append(robot_state(torch.from_numpy(ep["proprio"]), cam, cam[:1].expand_as(cam)).numpy())
+            action.append(ep["action"].astype(np.float32))
+            memory = OracleTokens()
+            tokens.append(np.stack([memory(ep["robot_pose"][t], ep["object_poses"][t], ep["goal"][t], ep["visible"][t],
+                                           ep["goal_visible"][t]) for t in range(len(ep["action"]))]))
+            lengths.append(len(ep["action"]))
+    ends = np.cumsum(lengths)
+    return DemoData(state=np.concatenate(state).astype(np.float32), action=np.concatenate(action),
+                    starts=ends - np.array(lengths), ends=ends, tokens=np.concatenate(tokens))
+
+
+class OracleController:
+    """The trained oracle-token policy as a `sim` Controller (reads `info`: privileged)."""
+
+    def __init__(self, checkpoint: str, seed: int = 0, threads: int = 1) -> None:
+        import torch
+
+        from policies.train import load_policy
+
+        torch.set_num_threads(threads)
+        self.policy, _ = load_policy(checkpoint)
+        self.seed = seed
+        self.gen = torch.Generator()
+
+    def reset(self, obs: dict, info: dict) -> None:
+        import torch
+
+        self.history: deque = deque(maxlen=self.policy.cfg.n_obs)
+        self.buffer: list[np.ndarray] = []
+        self.memory = OracleTokens()
+        self.start = torch.as_tensor(obs["cam_pose"]).float()
+        self.gen.manual_seed(self.seed + int(np.asarray(obs["rgb"], np.int64).sum()))
+
+    def act(self, obs: dict, info: dict | None = None) -> np.ndarray:
+        import torch
+
+        from policies.observation import robot_state
+
+        tok = self.memory(info["robot_pose"], info["object_poses"], info["goal"], info["visible"], info["goal_visible"])
+        state = robot_state(torch.as_tensor(obs["proprio"])[None], torch.as_tensor(obs["cam_pose"]).float()[None],
+                            self.start[None])[0]
+        self.history.append((torch.from_numpy(tok), state))
+        if not self.buffer:
+            h = list(self.history)
+            h = [h[0]] * (self.policy.cfg.n_obs - len(h)) + h
+            chunk = self.policy.predict(torch.stack([x[0] for x in h])[None], torch.stack([x[1] for x in h])[None],
+                                        generator=self.gen)[0].numpy()
+            first = self.policy.cfg.n_obs - 1
+            self.buffer = list(chunk[first:first + self.policy.cfg.n_action])
+        return self.buffer.pop(0).astype(np.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demos", nargs="+", default=["runs/pipeline/data/demos.zarr"])
+    parser.add_argument("--out", default="runs/policy_oracle")
+    parser.add_argument("--task", default="single")
+    parser.add_argument("--level", default="easy")
+    parser.add_argument("--steps", type=int, default=3000, help="DDPM steps (the pipeline's policy: 3000)")
+    parser.add_argument("--distill-steps", type=int, default=600)
+    parser.add_argument("--budget-min", type=float, default=8.0, help="per phase, as the pipeline")
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+
+    from policies.train import train
+    from sim.evaluate import evaluate
+
+    tmp = tempfile.TemporaryDirectory()
+    out, demos, episodes = args.out, args.demos, args.episodes
+    steps, distill = args.steps, args.distill_steps
+    if args.quick:
+        from sim.collect import collect
+
+        demos = [str(Path(tmp.name) / "demos.zarr")]
+        collect(out=demos[0], task=args.task, level=args.level, policy="expert", episodes=3, max_steps=40, workers=0,
+                progress=False)
+        out, episodes, steps, distill = str(Path(tmp.name) / "oracle"), 2, 5, 2
+    if not all(Path(p).exists() for p in demos):
+        raise SystemExit(f"demonstrations {demos} not found: run ego-pipeline first, or pass --demos")
+    train({"out": out, "encoder": "", "progress": not args.quick,
+           "data": {"paths": demos, "task": args.task, "level": args.level},
+           "policy": {"obs": "slots"} | ({"down_dims": [16, 32], "cond_dim": 32} if args.quick else {}),
+           "train": {"steps": steps, "distill_steps": distill, "time_budget_min": args.budget_min}},
+          demos=load_oracle_demos(demos))  # the one change: privileged tokens instead of the encoder's slots
+    r = evaluate({"_target_": "policy_oracle_perception.OracleController", "checkpoint": out}, task=args.task,
+                 level=args.level, episodes=episodes, seed=1000, workers=args.workers, progress=not args.quick)
+    emit(BENCH, "success_rate", r["success_rate"], "fraction", task=args.task, level=args.level,
+         policy="oracle-tokens", episodes=episodes, ci95=[round(r["ci95_low"], 3), round(r["ci95_high"], 3)],
+         mean_length=round(r["mean_length"], 1), checkpoint=out, demos=demos, **machine())
+
+
+if __name__ == "__main__":
+    main()
