@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from sim.env import GOAL_SEG_ID
 from worldmodel.encoder import EncoderOutput
 from worldmodel.metrics import FIRST_OBJECT_ID
-from sim.env import GOAL_SEG_ID
 
 MIN_CENTER_PIXELS = 20
 MIN_GOAL_CENTER_PIXELS = 4  # a goal disc is small and flat: its visible centroid is good from a few pixels
@@ -80,17 +80,20 @@ def edge_pixels(segmentation: Tensor) -> Tensor:
 
 
 def mask_supervision_loss(out: EncoderOutput, segmentation: Tensor, boundary_weight: float = 1.0,
-                          matches: Matches | None = None, object_balance: bool = False) -> Tensor:
+                          matches: Matches | None = None, object_balance: bool = False,
+                          onehot: Tensor | None = None) -> Tensor:
     """Cross-entropy of the alpha masks against clip-consistently matched object ids.
-    segmentation (B, T, H, W) integer ids."""
+    segmentation (B, T, H, W) integer ids; `onehot` its `object_onehot`, if already at hand."""
     masks = out.masks
     b, t, k, h, w = masks.shape
     log_masks = torch.log(masks.clamp(min=1e-6))
     seg = segmentation.long()
     if not (seg >= FIRST_OBJECT_ID).any():
         return masks.sum() * 0.0
+    if onehot is None and (matches is None or object_balance):
+        onehot = object_onehot(seg)  # (B, T, O, H, W)
     if matches is None:
-        matches = match_objects_to_slots(log_masks, object_onehot(seg))
+        matches = match_objects_to_slots(log_masks, onehot)
     # per-pixel target slot for object pixels; a "matched" flag per slot for the background term
     target = torch.full((b, t, h, w), -1, dtype=torch.long, device=seg.device)
     matched = torch.zeros(b, k, dtype=torch.bool, device=seg.device)
@@ -100,10 +103,10 @@ def mask_supervision_loss(out: EncoderOutput, segmentation: Tensor, boundary_wei
             matched[i, int(s)] = True
     weight = 1.0 + (boundary_weight - 1.0) * edge_pixels(seg).float()
     if object_balance:  # each object of each frame weighs as one (mean) object, whatever its size
-        onehot = object_onehot(seg)  # (B, T, O, H, W)
-        count = onehot.sum((-1, -2), keepdim=True).clamp(min=MIN_BALANCE_PIXELS)
-        mean_count = onehot.sum() / (onehot.sum((-1, -2)) > 0).sum().clamp(min=1)
-        weight = weight * ((onehot * mean_count / count).sum(2) + (onehot.sum(2) == 0).float())
+        count = onehot.sum((-1, -2))  # (B, T, O)
+        mean_count = count.sum() / (count > 0).sum().clamp(min=1)
+        scale = mean_count / count.clamp(min=MIN_BALANCE_PIXELS)
+        weight = weight * ((onehot * scale[..., None, None]).sum(2) + (onehot.sum(2) == 0).float())
     fg = target >= 0
     losses = []
     if fg.any():
@@ -119,11 +122,12 @@ def mask_supervision_loss(out: EncoderOutput, segmentation: Tensor, boundary_wei
 
 
 def center_loss(out: EncoderOutput, segmentation: Tensor, object_poses: Tensor, matches: Matches,
-                goals: Tensor | None = None) -> Tensor:
+                goals: Tensor | None = None, onehot: Tensor | None = None) -> Tensor:
     """Huber (metres) between matched slots' planar centre estimates and the objects' true positions.
     object_poses (B, T, O, 3) x, y, yaw (NaN where an episode has fewer objects); goals (B, T, G, 2)
-    the goal markers' positions (NaN where fewer), or None to leave goal markers out."""
-    counts = object_onehot(segmentation).sum((-1, -2))  # (B, T, O)
+    the goal markers' positions (NaN where fewer), or None to leave goal markers out; `onehot` the
+    segmentation's `object_onehot`, if already at hand."""
+    counts = (object_onehot(segmentation) if onehot is None else onehot).sum((-1, -2))  # (B, T, O)
     first_goal = GOAL_SEG_ID - FIRST_OBJECT_ID  # object index of goal marker 0
     pred, true = [], []
     for i, (objs, slots) in enumerate(matches):
@@ -160,13 +164,13 @@ def encoder_loss(out: EncoderOutput, batch: dict[str, Tensor], depth_weight: flo
         onehot = object_onehot(seg)
         matches = match_objects_to_slots(torch.log(out.masks.clamp(min=1e-6)), onehot) if onehot.shape[2] else []
     if mask_weight > 0:
-        sup = mask_supervision_loss(out, seg, boundary_weight, matches, object_balance)
+        sup = mask_supervision_loss(out, seg, boundary_weight, matches, object_balance, onehot)
         parts["mask_ce"] = float(sup.detach())
         loss = loss + mask_weight * sup
     if center_weight > 0:
         if "object_poses" not in batch:
             raise ValueError("center_weight > 0 needs datasets with object_poses")
-        cen = center_loss(out, seg, batch["object_poses"], matches, batch.get("goal"))
+        cen = center_loss(out, seg, batch["object_poses"], matches, batch.get("goal"), onehot)
         parts["center"] = float(cen.detach())
         loss = loss + center_weight * cen
     parts["loss"] = float(loss.detach())
