@@ -29,8 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.observation import (SLOT_GEOMETRY_DIM, SlotMemory, rgbd_image, robot_state, slot_tokens,
-                                  visible_features)
+from policies.observation import SLOT_GEOMETRY_DIM, SlotMemory, frame_tokens, rgbd_image, robot_state
+
+
+def first_frame_key(obs: dict[str, np.ndarray]) -> int:
+    """A 64-bit number from an episode's first RGB frame: seeds per-episode randomness so that a
+    result does not depend on which worker ran the episode."""
+    return int.from_bytes(hashlib.sha256(np.ascontiguousarray(obs["rgb"]).tobytes()).digest()[:8], "little")
 
 
 class CheckpointMismatch(ValueError):
@@ -93,8 +98,7 @@ class DiffusionPolicyController:
 
     def reset(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> None:
         self._check_obs(obs)
-        digest = hashlib.sha256(np.ascontiguousarray(obs["rgb"]).tobytes()).digest()
-        episode_seed = (int.from_bytes(digest[:8], "little") + self.seed) % 2**62
+        episode_seed = (first_frame_key(obs) + self.seed) % 2**62
         self._gen.manual_seed(episode_seed)
         torch.manual_seed(episode_seed)  # the encoder's slot initialisation on the first frame
         self._history.clear()
@@ -171,8 +175,7 @@ class DiffusionPolicyController:
         if self.encoder is not None:
             out, self._stream = self.encoder.step(t["rgb"], t["depth"].float(), t["intrinsics"].float(), cam,
                                                   self._stream)
-            h, w = t["rgb"].shape[1:3]
-            x = slot_tokens(visible_features(out)[:, 0], out.extras["pixels"][:, 0], cam, h * w, self._memory)[0]
+            x = frame_tokens(out, cam, self._memory)[0]
         else:
             x = rgbd_image(t["rgb"], t["depth"])[0]
         self._history.append((x.float(), state))

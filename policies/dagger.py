@@ -18,7 +18,6 @@ the result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from policies.controller import DiffusionPolicyController, first_frame_key
 from policies.train import PolicyTrainConfig
 from sim.collect import to_config
 
@@ -43,7 +43,6 @@ class DAggerController:
 
     def __init__(self, checkpoint: str, beta: float = 0.0, seed: int = 0, threads: int = 1,
                  **learner: Any) -> None:
-        from policies.controller import DiffusionPolicyController
         from sim.experts import ExpertConfig, PushExpert
 
         if not 0.0 <= beta <= 1.0:
@@ -55,8 +54,7 @@ class DAggerController:
         self.label: np.ndarray | None = None
 
     def reset(self, obs: dict[str, np.ndarray], info: dict[str, Any]) -> None:
-        digest = hashlib.sha256(np.ascontiguousarray(obs["rgb"]).tobytes()).digest()
-        self.rng = np.random.default_rng([int.from_bytes(digest[:8], "little"), self.seed])
+        self.rng = np.random.default_rng([first_frame_key(obs), self.seed])
         self.learner.reset(obs, info)
         self.expert.reset(obs, info)
         self.label = None

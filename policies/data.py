@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from policies.observation import SlotMemory, rgbd_image, robot_state, slot_tokens, visible_features
+from policies.observation import SlotMemory, frame_tokens, rgbd_image, robot_state
 from sim.dataset import EpisodeDataset
 
 CACHE_VERSION = 3  # 2: slot memory and the age feature; 3: visible centroids
@@ -163,7 +163,6 @@ def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarra
     torch.manual_seed(seed)  # the slots' random initialisation on each episode's first frame
     bar = tqdm(total=int(lengths.sum()), desc="encoding demos into slots", unit="frame", disable=not progress,
                dynamic_ncols=True)
-    h, w = episodes[0]["rgb"].shape[1:3]
     with bar:
         for g in range(0, len(order), batch):
             group = order[g:g + batch]
@@ -176,8 +175,7 @@ def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarra
                          for k in ("rgb", "depth", "intrinsics", "cam_pose")}
                 enc, state = encoder.step(frame["rgb"], frame["depth"].float(), frame["intrinsics"].float(),
                                           frame["cam_pose"].float(), state)
-                tok = slot_tokens(visible_features(enc)[:, 0], enc.extras["pixels"][:, 0], frame["cam_pose"].float(),
-                                  h * w, memory)
+                tok = frame_tokens(enc, frame["cam_pose"].float(), memory)
                 parts.append(tok.float().cpu().numpy())
                 bar.update(int((lengths[group] > t).sum()))
             stacked = np.stack(parts, 1)  # (G, T_max, K, F)

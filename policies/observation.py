@@ -63,12 +63,16 @@ class SlotMemory:
         return self.centre, self.age
 
 
-def visible_features(out) -> Tensor:
-    """An `EncoderOutput`'s slot vectors with the visible centroid of each slot's pixels (B, T, K, S + 5):
-    what the policy reads. The centroid is measured (depth under the slot's mask); `CenterHead`'s
-    learned move behind the surface is left to the probe, since a policy learns a constant offset
-    itself and an offset that goes wrong moves the box it must push."""
-    return torch.cat([out.slots, out.extras["centroid"]], dim=-1)
+def frame_tokens(out, cam_pose: Tensor, memory: SlotMemory | None = None) -> Tensor:
+    """One streamed frame's `EncoderOutput` (T = 1), cam_pose (B, 4, 4) -> slot tokens (B, K, S + 7): what
+    the policy reads, built by this one function offline (`policies.data`) and on the robot
+    (`policies.controller`). Each slot's centre is the visible centroid of its pixels (depth under
+    its mask), not `CenterHead`'s estimate: the learned move behind the surface is left to the
+    probe, since a policy learns a constant offset itself and an offset that goes wrong moves the box
+    it must push."""
+    features = torch.cat([out.slots, out.extras["centroid"]], dim=-1)[:, 0]
+    h, w = out.masks.shape[-2:]
+    return slot_tokens(features, out.extras["pixels"][:, 0], cam_pose, h * w, memory)
 
 
 def slot_tokens(features: Tensor, pixels: Tensor, cam_pose: Tensor, image_pixels: int,
@@ -81,11 +85,7 @@ def slot_tokens(features: Tensor, pixels: Tensor, cam_pose: Tensor, image_pixels
     `memory`, a slot that sees nothing now keeps its last seen centre."""
     s = features.shape[-1] - 5
     pos, yaw = planar_pose(cam_pose)
-    centre = features[..., s:s + 3]
-    if memory is not None:
-        centre, age = memory(centre, pixels)
-    else:
-        age = torch.where(pixels >= MIN_SEEN_PIXELS, 0.0, float(NEVER_SEEN_AGE)).to(centre.dtype)
+    centre, age = (memory if memory is not None else SlotMemory())(features[..., s:s + 3], pixels)
     planar = _to_local(centre[..., :2], pos, yaw)
     direction = planar / planar.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     share = torch.log1p(pixels.float()) / math.log1p(image_pixels)
