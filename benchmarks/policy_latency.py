@@ -32,7 +32,7 @@ def _untrained(out: Path, obs: str) -> str:
     import numpy as np
     import torch
 
-    from policies.observation import SLOT_GEOMETRY_DIM
+    from policies.observation import TOKEN_EXTRA_DIM
     from policies.policy import DiffusionPolicy, PolicyConfig, policy_config_dict
     from worldmodel.checkpoint import save_checkpoint
     from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
@@ -40,7 +40,7 @@ def _untrained(out: Path, obs: str) -> str:
     torch.manual_seed(0)
     enc = ObjectCentricEncoder(EncoderConfig())
     save_checkpoint(out / "encoder", enc, {"stage": "encoder", "model": config_dict(enc.cfg)}, {}, {})
-    cfg = PolicyConfig(obs=obs, token_dim=enc.cfg.slot_dim + SLOT_GEOMETRY_DIM, num_slots=enc.cfg.num_slots, state_dim=8)
+    cfg = PolicyConfig(obs=obs, token_dim=enc.cfg.slot_dim + TOKEN_EXTRA_DIM, num_slots=enc.cfg.num_slots, state_dim=8)
     stats = {"action_min": [-0.25, -2.0], "action_max": [0.25, 2.0], "state_mean": [0.0] * 8, "state_std": [1.0] * 8,
              "token_mean": np.zeros(cfg.token_dim).tolist(), "token_std": np.ones(cfg.token_dim).tolist()}
     model = DiffusionPolicy(cfg, stats)

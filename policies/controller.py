@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.observation import SLOT_GEOMETRY_DIM, SlotMemory, frame_tokens, rgbd_image, robot_state
+from policies.observation import TOKEN_EXTRA_DIM, SlotMemory, frame_tokens, rgbd_image, robot_state
 
 
 def first_frame_key(obs: dict[str, np.ndarray]) -> int:
@@ -74,7 +74,7 @@ class DiffusionPolicyController:
             if not (enc_dir / "model.safetensors").exists():
                 raise CheckpointMismatch(f"{checkpoint}: slots policy without its encoder in {enc_dir}")
             self.encoder = load_encoder(enc_dir, self.device)
-            dim = self.encoder.cfg.slot_dim + SLOT_GEOMETRY_DIM
+            dim = self.encoder.cfg.slot_dim + TOKEN_EXTRA_DIM
             if dim != cfg.token_dim or self.encoder.cfg.num_slots != cfg.num_slots:
                 raise CheckpointMismatch(f"{checkpoint}: encoder gives {self.encoder.cfg.num_slots} slots x {dim} "
                                          f"features, the policy was trained on {cfg.num_slots} x {cfg.token_dim}")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from policies.observation import SlotMemory, frame_tokens, rgbd_image, robot_state
 from sim.dataset import EpisodeDataset
 
-CACHE_VERSION = 3  # 2: slot memory and the age feature; 3: visible centroids
+CACHE_VERSION = 4  # 2: slot memory and the age feature; 3: visible centroids; 4: tracks, colour
 FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio")
 
 
@@ -38,7 +38,7 @@ class DemoData:
     action: np.ndarray  # (N, 2) float32: the expert's action labels
     starts: np.ndarray  # (E,) int64 first step of each episode
     ends: np.ndarray  # (E,) int64 one past its last step
-    tokens: np.ndarray | None = None  # (N, K, S + 7) float32 slot tokens (slots policy)
+    tokens: np.ndarray | None = None  # (N, K, S + TOKEN_EXTRA_DIM) float32 slot tokens (slots policy)
     rgb: np.ndarray | None = None  # (N, H, W, 3) uint8 (cnn policy)
     depth: np.ndarray | None = None  # (N, H, W) float16 m (cnn policy)
 
@@ -155,7 +155,7 @@ def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarra
                     device: str | torch.device = "cpu", batch: int = 16, seed: int = 0,
                     progress: bool = True) -> np.ndarray:
     """Stream the encoder over each episode with `step()` (episodes in lockstep, `batch` at a time,
-    grouped by length) -> slot tokens (N, K, S + 7), episodes concatenated in the given order."""
+    grouped by length) -> slot tokens (N, K, S + TOKEN_EXTRA_DIM), episodes concatenated in the given order."""
     device = torch.device(device)
     lengths = np.array([len(ep["rgb"]) for ep in episodes])
     order = np.argsort(-lengths, kind="stable")

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 
 ODOM_DIM = 4  # (dx, dy) m in the start frame, cos and sin of the turn since the start
-SLOT_GEOMETRY_DIM = 7  # centre (forward, left, up) m, view direction (forward, left), log pixel share, age
+# what a track's token adds to its slot vector: mean colour (3), centre (forward, left, up) m, view direction
+# (forward, left), log pixel share, age
+TOKEN_EXTRA_DIM = 10
 MIN_SEEN_PIXELS = 4  # a slot holding fewer valid-depth pixels does not see its object now
 NEVER_SEEN_AGE = 1000  # steps; what the age feature says of a slot that has never held an object
 DEPTH_SCALE_M = 3.0  # depth / 3 m: about [0, 1.3] over the sensor's range
@@ -40,57 +42,141 @@ def _to_local(xy: Tensor, origin: Tensor, yaw: Tensor) -> Tensor:
 
 
 class SlotMemory:
-    """Object permanence over one stream: each slot's last seen world centre, and how many steps ago.
+    """Object permanence over one stream, by object track rather than by slot index.
 
-    A slot whose object leaves the view (or hides behind the box being pushed, as the goal disc
-    does) wins no pixels and its centre estimate says nothing; the policy reads the remembered
-    centre instead, moved into the robot's current frame by odometry, as the expert remembers
-    what it has seen. Streams are batched: one memory per batch of streams, reset per episode."""
+    Slot attention does not promise that an object keeps its slot: over a demonstration the slot
+    that holds most of the box is the same slot on only about 65% of the frames, mostly because
+    the box is handed from one slot to another over a few frames while the robot closes in. So the
+    memory keeps K object tracks, as a multi-object tracker does. Each frame:
 
-    def __init__(self) -> None:
-        self.centre: Tensor | None = None  # (B, K, 3) world
-        self.age: Tensor | None = None  # (B, K) steps since seen
+    1. the slots that see something (`MIN_SEEN_PIXELS`) are detections; detections closer than
+       `merge_m` on the floor and `merge_colour` in mean colour are one object (a slot handing its
+       object over to another), kept as the larger slot's vector with the pixel-weighted centre;
+    2. detections are assigned to tracks by a Hungarian match on the planar distance from a track's
+       last seen world centre over `pos_scale_m` plus the distance between their mean colours over
+       `colour_scale`; a detection that costs more than `gate` against a track is not that object.
+       A new object starts a track, on one never used, else on the one unseen longest if that has
+       gone unseen for over 50 steps, else it goes untracked.
 
-    def __call__(self, centre: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """centre (B, K, 3) this frame's estimates, pixels (B, K) -> remembered centre (B, K, 3), age (B, K)."""
-        seen = pixels >= MIN_SEEN_PIXELS
-        if self.centre is None:
-            self.centre = centre.clone()
-            self.age = torch.where(seen, 0.0, float(NEVER_SEEN_AGE)).to(centre.dtype)
-        else:
-            self.centre = torch.where(seen.unsqueeze(-1), centre, self.centre)
-            self.age = torch.where(seen, torch.zeros_like(self.age), (self.age + 1).clamp(max=NEVER_SEEN_AGE))
-        return self.centre, self.age
+    A track whose object is out of view (or hidden behind the box being pushed, as the goal disc is)
+    keeps its last seen centre, moved into the robot's current frame by odometry, its slot vector
+    and colour: the policy reads tracks in a fixed order, so a window of frames lines up per object.
+    Streams are batched: one memory per batch of streams, reset per episode."""
+
+    def __init__(self, pos_scale_m: float = 0.15, colour_scale: float = 0.15, gate: float = 3.0,
+                 merge_m: float = 0.12, merge_colour: float = 0.15) -> None:
+        self.pos_scale_m, self.colour_scale, self.gate = pos_scale_m, colour_scale, gate
+        self.merge_m, self.merge_colour = merge_m, merge_colour
+        self.state: np.ndarray | None = None  # (B, K, S + 3 + 3): last seen slot vector, colour, world centre
+        self.age: np.ndarray | None = None  # (B, K) steps since seen; NEVER_SEEN_AGE for an unused track
+
+    def __call__(self, slots: Tensor, colour: Tensor, centre: Tensor, pixels: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """This frame's slot vectors (B, K, S), colours (B, K, 3), world centres (B, K, 3) and pixels won (B, K)
+        -> per track: slot vector, colour, remembered world centre, pixels its object shows now (0 if
+        none) and age (B, K)."""
+        s = slots.shape[-1]
+        now = torch.cat([slots, colour, centre], -1).detach().cpu().double().numpy()
+        px = pixels.detach().cpu().double().numpy()
+        if self.state is None:  # tracks start as the slots; those that see nothing count as unused
+            self.state = now.copy()
+            self.age = np.full(px.shape, float(NEVER_SEEN_AGE))
+        shown = np.zeros_like(px)
+        for b in range(now.shape[0]):
+            det, det_px = self._detections(now[b], px[b], s)
+            for track, d in self._assign(self.state[b], self.age[b], det, s):
+                self.state[b, track], shown[b, track] = det[d], det_px[d]
+        self.age = np.where(shown > 0, 0.0, np.minimum(self.age + 1, NEVER_SEEN_AGE))
+        for b in range(now.shape[0]):
+            self._forget_duplicates(b, shown[b] > 0, s)
+        out = [torch.from_numpy(a).to(slots.device, slots.dtype)
+               for a in (self.state[..., :s], self.state[..., s:s + 3], self.state[..., s + 3:], shown, self.age)]
+        return tuple(out)
+
+    def _detections(self, now: np.ndarray, px: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """One stream's slots (K, F), pixels (K,) -> its objects (D, F) and their pixels (D,)."""
+        seen = np.flatnonzero(px >= MIN_SEEN_PIXELS)
+        group = {int(k): int(k) for k in seen}  # union-find over the seen slots
+
+        def root(k: int) -> int:
+            while group[k] != k:
+                k = group[k]
+            return k
+
+        for a in seen:
+            for b in seen[seen > a]:
+                near = np.linalg.norm(now[a, s + 3:s + 5] - now[b, s + 3:s + 5]) < self.merge_m
+                alike = np.linalg.norm(now[a, s:s + 3] - now[b, s:s + 3]) < self.merge_colour
+                if near and alike:
+                    group[root(int(b))] = root(int(a))
+        det, det_px = [], []
+        for r in sorted({root(k) for k in group}):
+            members = np.array([k for k in group if root(k) == r])
+            w = px[members] / px[members].sum()
+            obj = now[members[np.argmax(px[members])]].copy()
+            obj[s:] = w @ now[members, s:]
+            det.append(obj)
+            det_px.append(px[members].sum())
+        return np.array(det).reshape(-1, now.shape[-1]), np.array(det_px)
+
+    def _forget_duplicates(self, b: int, seen: np.ndarray, s: int) -> None:
+        """A remembered track that lies where a track seen now is, with its colour, is that object's
+        old track (its slot lost the object to another one before the merge caught it): forget it, so
+        that no copy of an object stays behind in memory."""
+        for k in np.flatnonzero(~seen & (self.age[b] < NEVER_SEEN_AGE)):
+            near = np.linalg.norm(self.state[b, seen, s + 3:s + 5] - self.state[b, k, s + 3:s + 5], axis=-1)
+            alike = np.linalg.norm(self.state[b, seen, s:s + 3] - self.state[b, k, s:s + 3], axis=-1)
+            if np.any((near < self.merge_m) & (alike < self.merge_colour)):
+                self.age[b, k] = NEVER_SEEN_AGE
+
+    def _assign(self, tracks: np.ndarray, age: np.ndarray, det: np.ndarray, s: int) -> list[tuple[int, int]]:
+        """Tracks (K, F) and their ages (K,), detections (D, F) -> (track, detection) pairs."""
+        from scipy.optimize import linear_sum_assignment
+
+        if len(det) == 0:
+            return []
+        known = age < NEVER_SEEN_AGE
+        cost = (np.linalg.norm(tracks[:, None, s + 3:s + 5] - det[None, :, s + 3:s + 5], axis=-1) / self.pos_scale_m
+                + np.linalg.norm(tracks[:, None, s:s + 3] - det[None, :, s:s + 3], axis=-1) / self.colour_scale)
+        # a detection beyond the gate is another object. It starts a track: on an unused one at the gate's
+        # cost; on a used one, dropping its memory, at a cost falling from 3 to 2 gates as that goes
+        # unseen. Past 2.5 gates it goes untracked instead (rows of their own), so only objects unseen
+        # for over 50 steps are forgotten for a new one
+        fresh = self.gate * np.where(known, 3 - np.minimum(age, 100) / 100, 1.0)
+        cost = np.where(known[:, None] & (cost <= self.gate), cost, fresh[:, None])
+        cost = np.concatenate([cost, np.full((len(det), len(det)), 2.5 * self.gate)])
+        rows, cols = linear_sum_assignment(cost)
+        return [(r, c) for r, c in zip(rows.tolist(), cols.tolist()) if r < len(tracks)]
 
 
 def frame_tokens(out, cam_pose: Tensor, memory: SlotMemory | None = None) -> Tensor:
-    """One streamed frame's `EncoderOutput` (T = 1), cam_pose (B, 4, 4) -> slot tokens (B, K, S + 7): what
-    the policy reads, built by this one function offline (`policies.data`) and on the robot
+    """One streamed frame's `EncoderOutput` (T = 1), cam_pose (B, 4, 4) -> tokens (B, K, S + TOKEN_EXTRA_DIM):
+    what the policy reads, built by this one function offline (`policies.data`) and on the robot
     (`policies.controller`). Each slot's centre is the visible centroid of its pixels (depth under
     its mask), not `CenterHead`'s estimate: the learned move behind the surface is left to the
     probe, since a policy learns a constant offset itself and an offset that goes wrong moves the box
     it must push."""
-    features = torch.cat([out.slots, out.extras["centroid"]], dim=-1)[:, 0]
     h, w = out.masks.shape[-2:]
-    return slot_tokens(features, out.extras["pixels"][:, 0], cam_pose, h * w, memory)
+    return slot_tokens(out.slots[:, 0], out.extras["colour"][:, 0], out.extras["centroid"][:, 0, :, :3],
+                       out.extras["pixels"][:, 0], cam_pose, h * w, memory)
 
 
-def slot_tokens(features: Tensor, pixels: Tensor, cam_pose: Tensor, image_pixels: int,
-                memory: SlotMemory | None = None) -> Tensor:
-    """Encoder features (B, K, S + 5) (slot vector, world centre x y z, planar view direction),
-    pixels won (B, K), cam_pose (B, 4, 4) -> tokens (B, K, S + 7): the slot vector, then its centre in
-    the camera's planar frame (forward, left, up), the planar direction to it in that frame,
-    log1p(pixels) / log1p(image pixels) (0 for a slot that sees nothing of its object now) and
-    log1p(age) / log1p(NEVER_SEEN_AGE), age = steps since the slot last saw its object. With a
-    `memory`, a slot that sees nothing now keeps its last seen centre."""
-    s = features.shape[-1] - 5
+def slot_tokens(slots: Tensor, colour: Tensor, centre: Tensor, pixels: Tensor, cam_pose: Tensor,
+                image_pixels: int, memory: SlotMemory | None = None) -> Tensor:
+    """Slot vectors (B, K, S), mean colours (B, K, 3), world centres (B, K, 3), pixels won (B, K),
+    cam_pose (B, 4, 4) -> tokens (B, K, S + TOKEN_EXTRA_DIM), one per track of `memory` (a fresh one if
+    None: then track k is slot k): the slot vector, its colour, its centre in the camera's planar frame
+    (forward, left, up), the planar direction to it in that frame, log1p(pixels) / log1p(image pixels)
+    (0 for a track that sees nothing of its object now) and log1p(age) / log1p(NEVER_SEEN_AGE), age =
+    steps since the track last saw its object. A track that sees nothing now keeps what it last saw."""
     pos, yaw = planar_pose(cam_pose)
-    centre, age = (memory if memory is not None else SlotMemory())(features[..., s:s + 3], pixels)
+    slots, colour, centre, pixels, age = (memory if memory is not None else SlotMemory())(
+        slots, colour, centre, pixels)
     planar = _to_local(centre[..., :2], pos, yaw)
     direction = planar / planar.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     share = torch.log1p(pixels.float()) / math.log1p(image_pixels)
     age = torch.log1p(age) / math.log1p(NEVER_SEEN_AGE)
-    return torch.cat([features[..., :s], planar, centre[..., 2:3], direction, share.unsqueeze(-1),
+    return torch.cat([slots, colour, planar, centre[..., 2:3], direction, share.unsqueeze(-1),
                       age.unsqueeze(-1)], -1)
 
 

@@ -45,6 +45,9 @@ class PolicyConfig:
     consistency_steps: int = 1
     set_hidden: int = 128  # slots: width of the set encoder
     set_layers: int = 2
+    # slots: the last `token_tail` features of each token only (0: all). TOKEN_EXTRA_DIM keeps a track's
+    # colour and geometry and drops its slot vector: what tells the box from the goal then is colour
+    token_tail: int = 0
     cnn_width: int = 32  # cnn: ResNet base width (ResNet-18 layout)
     cnn_stem_stride: int = 2  # cnn: 1 keeps the first stage at full resolution (4x the compute)
     # filled in from the data at training time
@@ -80,7 +83,9 @@ class DiffusionPolicy(nn.Module):
         cfg.check()
         self.cfg = cfg
         if cfg.obs == "slots":
-            self.obs_encoder = SlotSetEncoder(cfg.token_dim, cfg.n_obs, cfg.state_dim, cfg.cond_dim,
+            if not 0 <= cfg.token_tail <= cfg.token_dim:
+                raise ValueError(f"token_tail must lie in [0, token_dim={cfg.token_dim}]; got {cfg.token_tail}")
+            self.obs_encoder = SlotSetEncoder(cfg.token_tail or cfg.token_dim, cfg.n_obs, cfg.state_dim, cfg.cond_dim,
                                               hidden=cfg.set_hidden, layers=cfg.set_layers)
             self.register_buffer("token_mean", torch.tensor(stats["token_mean"], dtype=torch.float32))
             self.register_buffer("token_std", torch.tensor(stats["token_std"], dtype=torch.float32))
@@ -114,7 +119,8 @@ class DiffusionPolicy(nn.Module):
         """obs (B, To, K, F) slot tokens or (B, To, 4, H, W) images, state (B, To, P) -> (B, cond_dim)."""
         state = (state - self.state_mean) / self.state_std
         if self.cfg.obs == "slots":
-            return self.obs_encoder((obs - self.token_mean) / self.token_std, state)
+            x = (obs - self.token_mean) / self.token_std
+            return self.obs_encoder(x[..., -self.cfg.token_tail:] if self.cfg.token_tail else x, state)
         return self.obs_encoder(obs, state)
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:

@@ -88,7 +88,8 @@ class EncoderOutput:
     recon: Tensor  # (B, T, 4, H, W) reconstructed normalised RGB-D
     attn: Tensor | None = None  # (B, T, K, N) last slot-attention weights, normalised over slots
     # "target": (B, T, 4, H, W) the normalised input; "pixels": (B, T, K) valid-depth pixels each slot wins;
-    # "centroid": (B, T, K, 5) the visible centroid + direction, before `CenterHead` moves it
+    # "centroid": (B, T, K, 5) the visible centroid + direction, before `CenterHead` moves it;
+    # "colour": (B, T, K, 3) each slot's mean RGB in [0, 1] under its mask
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -405,8 +406,10 @@ class ObjectCentricEncoder(nn.Module):
         recon = (masks.unsqueeze(3) * rgbd).sum(2)
         centroid, pixels = mask_geometry(masks, depth, intrinsics, cam_pose)
         geometry = self.center(slots, centroid, pixels) if self.center is not None else centroid
+        rgb = (x_in[:, :, :3] * self.in_std[:3] + self.in_mean[:3]).unsqueeze(2)  # (B, T, 1, 3, H, W) in [0, 1]
+        colour = (masks.unsqueeze(3) * rgb).sum((-2, -1)) / masks.sum((-2, -1)).unsqueeze(-1).clamp(min=1e-6)
         return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon, attn=attn,
-                             extras={"target": x_in, "pixels": pixels, "centroid": centroid})
+                             extras={"target": x_in, "pixels": pixels, "centroid": centroid, "colour": colour})
 
     # -- streaming (robot) -----------------------------------------------------
 

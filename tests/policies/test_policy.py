@@ -15,7 +15,15 @@ import torch
 from policies.controller import CheckpointMismatch, DiffusionPolicyController
 from policies.data import DemoData, load_demos
 from policies.evaluate import run as run_eval
-from policies.observation import NEVER_SEEN_AGE, SlotMemory, odometry, rgbd_image, slot_tokens
+from policies.observation import (
+    NEVER_SEEN_AGE,
+    TOKEN_EXTRA_DIM,
+    SlotMemory,
+    frame_tokens,
+    odometry,
+    rgbd_image,
+    slot_tokens,
+)
 from policies.train import load_policy, train
 from sim.env import EgoPushEnv
 from sim.evaluate import evaluate
@@ -64,6 +72,23 @@ def slots_policy(tmp_path_factory, demos, encoder_dir) -> Path:
 # ---------------------------------------------------------------------------- observations and data
 
 
+def _tokens(centre, pixels, cam, memory=None, colour=None, tag=None):
+    """Tokens of one stream's K slots at world `centre` (K, 3) with `pixels` (K,): slot vector (1,) = `tag`."""
+    k = len(centre)
+    tag = torch.arange(k, dtype=torch.float32) if tag is None else torch.tensor(tag, dtype=torch.float32)
+    colour = torch.full((k, 3), 0.5) if colour is None else torch.tensor(colour, dtype=torch.float32)
+    return slot_tokens(tag.view(1, k, 1), colour[None], torch.tensor(centre, dtype=torch.float32)[None],
+                       torch.tensor([pixels], dtype=torch.float32), cam[None] if cam.dim() == 2 else cam, 4096,
+                       memory)[0]
+
+
+def _camera_along_x(x: float = 0.0) -> torch.Tensor:
+    cam = torch.eye(4)
+    cam[:3, :3] = torch.tensor([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])  # optical z = world +x
+    cam[0, 3] = x
+    return cam
+
+
 def test_slot_tokens_put_a_point_ahead_of_the_camera_forward():
     # a camera at (1, 2) looking along world +y: optical x (right) = world -x, y (down) = world -z,
     # z (forward) = world +y. A slot 0.5 m further along +y and 0.2 m towards world +x (the camera's
@@ -73,13 +98,12 @@ def test_slot_tokens_put_a_point_ahead_of_the_camera_forward():
     cam[:3, 1] = torch.tensor([0, 0, -1.0])
     cam[:3, 2] = torch.tensor([0, 1.0, 0])
     cam[:2, 3] = torch.tensor([1.0, 2.0])
-    feats = torch.zeros(1, 3 + 5)
-    feats[0, 3:6] = torch.tensor([0.8, 2.5, 0.1])
-    feats[0, 6:8] = torch.tensor([-0.2, 0.5]) / math.hypot(0.2, 0.5)
-    tok = slot_tokens(feats, torch.tensor([100.0]), cam, 64 * 64)
-    np.testing.assert_allclose(tok[0, 3:6].numpy(), [0.5, 0.2, 0.1], atol=1e-6)
-    np.testing.assert_allclose(tok[0, 6:8].numpy(), np.array([0.5, 0.2]) / math.hypot(0.2, 0.5), atol=1e-6)
-    assert 0 < tok[0, 8] < 1 and tok[0, 9] == 0  # some pixels; seen now
+    tok = _tokens([[0.8, 2.5, 0.1]], [100.0], cam, colour=[[0.9, 0.1, 0.1]])
+    assert tok.shape == (1, 1 + TOKEN_EXTRA_DIM)
+    np.testing.assert_allclose(tok[0, 1:4].numpy(), [0.9, 0.1, 0.1], atol=1e-6)  # colour
+    np.testing.assert_allclose(tok[0, 4:7].numpy(), [0.5, 0.2, 0.1], atol=1e-6)
+    np.testing.assert_allclose(tok[0, 7:9].numpy(), np.array([0.5, 0.2]) / math.hypot(0.2, 0.5), atol=1e-6)
+    assert 0 < tok[0, 9] < 1 and tok[0, 10] == 0  # some pixels; seen now
     np.testing.assert_allclose(odometry(cam, cam).numpy(), [0, 0, 1, 0], atol=1e-6)
     turned = cam.clone()
     turned[:2, 3] = torch.tensor([1.0, 3.0])  # 1 m ahead of the start pose, same heading
@@ -87,25 +111,41 @@ def test_slot_tokens_put_a_point_ahead_of_the_camera_forward():
 
 
 def test_slot_memory_keeps_the_last_seen_centre_in_the_robots_frame():
-    cam = torch.eye(4)[None]
-    cam[0, :3, :3] = torch.tensor([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])  # optical z = world +x
-    feats = torch.zeros(1, 2, 3 + 5)
-    feats[0, 0, 3:6] = torch.tensor([1.0, 0.5, 0.05])  # slot 0 sees an object 1 m ahead, 0.5 m left
-    feats[0, 1, 3:6] = torch.tensor([0.0, 0.0, 0.0])  # slot 1 holds nothing (camera position)
     mem = SlotMemory()
-    t0 = slot_tokens(feats, torch.tensor([[50.0, 0.0]]), cam, 4096, mem)
-    np.testing.assert_allclose(t0[0, 0, 3:5].numpy(), [1.0, 0.5], atol=1e-6)
-    assert t0[0, 0, 9] == 0 and t0[0, 1, 9] == pytest.approx(1.0)  # slot 1: never seen
-    moved = cam.clone()
-    moved[0, 0, 3] = 0.4  # the robot drives 0.4 m forward; slot 0 loses its object (0 pixels, centre = camera)
-    feats2 = feats.clone()
-    feats2[0, 0, 3:6] = torch.tensor([0.4, 0.0, 0.0])
-    t1 = slot_tokens(feats2, torch.tensor([[0.0, 0.0]]), moved, 4096, mem)
-    np.testing.assert_allclose(t1[0, 0, 3:6].numpy(), [0.6, 0.5, 0.05], atol=1e-6)  # remembered, robot frame
-    assert t1[0, 0, 8] == 0 and 0 < t1[0, 0, 9] < 0.2  # no pixels now; seen one step ago
-    no_memory = slot_tokens(feats2, torch.tensor([[0.0, 0.0]]), moved, 4096)
-    np.testing.assert_allclose(no_memory[0, 0, 3:5].numpy(), [0.0, 0.0], atol=1e-6)
-    assert no_memory[0, 0, 9] == pytest.approx(1.0) and NEVER_SEEN_AGE > 100
+    # slot 0 sees an object 1 m ahead, 0.5 m left; slot 1 holds nothing
+    t0 = _tokens([[1.0, 0.5, 0.05], [0.0, 0.0, 0.0]], [50.0, 0.0], _camera_along_x(), mem)
+    np.testing.assert_allclose(t0[0, 4:6].numpy(), [1.0, 0.5], atol=1e-6)
+    assert t0[0, 10] == 0 and t0[1, 10] == pytest.approx(1.0)  # track 1: never seen
+    # the robot drives 0.4 m forward and the object leaves the view (0 pixels, centre = camera)
+    t1 = _tokens([[0.4, 0.0, 0.0], [0.0, 0.0, 0.0]], [0.0, 0.0], _camera_along_x(0.4), mem)
+    np.testing.assert_allclose(t1[0, 4:7].numpy(), [0.6, 0.5, 0.05], atol=1e-6)  # remembered, robot frame
+    assert t1[0, 9] == 0 and 0 < t1[0, 10] < 0.2  # no pixels now; seen one step ago
+    no_memory = _tokens([[0.4, 0.0, 0.0], [0.0, 0.0, 0.0]], [0.0, 0.0], _camera_along_x(0.4))
+    np.testing.assert_allclose(no_memory[0, 4:6].numpy(), [0.0, 0.0], atol=1e-6)
+    assert no_memory[0, 10] == pytest.approx(1.0) and NEVER_SEEN_AGE > 100
+
+
+def test_slot_memory_follows_an_object_that_changes_slot():
+    """Slot indices are not identities: the tracks are. A red box handed from slot 0 to slot 2 over a
+    few frames (both holding part of it on the way) stays on one track, with no copy left behind; a
+    green disc that leaves the view keeps its track while its slot goes on to the floor."""
+    red, green, grey = [0.8, 0.1, 0.1], [0.2, 0.7, 0.3], [0.55, 0.5, 0.45]
+    mem, cam = SlotMemory(), _camera_along_x()
+    frames = [  # slot 0, 1, 2: (centre, pixels, colour)
+        ([[1.0, 0.0, 0.05], [1.5, 0.3, 0.0], [2.0, 0.0, 0.0]], [300, 40, 0], [red, green, grey]),
+        ([[1.02, 0.0, 0.05], [1.5, 0.3, 0.0], [1.05, 0.02, 0.05]], [200, 40, 100], [red, green, red]),
+        ([[1.5, -0.5, 0.0], [1.5, 0.3, 0.0], [1.04, 0.0, 0.05]], [3000, 0, 300], [grey, grey, red]),
+        ([[1.5, -0.5, 0.0], [1.4, -0.6, 0.0], [1.06, 0.0, 0.05]], [3000, 500, 300], [grey, grey, red]),
+    ]
+    for centre, pixels, colour in frames:
+        tok = _tokens(centre, pixels, cam, mem, colour, tag=[0, 1, 2])
+    box = [k for k in range(3) if np.allclose(tok[k, 1:4].numpy(), red)]
+    disc = [k for k in range(3) if np.allclose(tok[k, 1:4].numpy(), green)]
+    assert box == [0] and tok[0, 0] == 2  # the box kept its first track, now fed by slot 2
+    np.testing.assert_allclose(tok[0, 4:6].numpy(), [1.06, 0.0], atol=1e-5)
+    assert disc == [1] and tok[1, 9] == 0 and tok[1, 10] > 0  # remembered, unseen for two frames
+    np.testing.assert_allclose(tok[1, 4:6].numpy(), [1.5, 0.3], atol=1e-5)
+    assert tok[2, 10] == 0 and not np.allclose(tok[2, 1:4].numpy(), red)  # the floor took the third track
 
 
 def test_rgbd_image_scales_and_zeroes_invalid_depth():
@@ -141,11 +181,10 @@ def test_slot_tokens_of_the_demos_equal_the_controllers(demos, encoder_dir):
         frame = {k: torch.from_numpy(ep[k][t:t + 1]) for k in ("rgb", "depth", "intrinsics", "cam_pose")}
         out, state = enc.step(frame["rgb"], frame["depth"].float(), frame["intrinsics"].float(),
                               frame["cam_pose"].float(), state)
-        online.append(slot_tokens(out.features[:, 0], out.extras["pixels"][:, 0], frame["cam_pose"].float(),
-                                  64 * 64, memory)[0].numpy())
+        online.append(frame_tokens(out, frame["cam_pose"].float(), memory)[0].numpy())
     np.testing.assert_allclose(offline, np.stack(online), atol=1e-5)
     data = load_demos([demos], "slots", enc, progress=False)
-    assert data.tokens.shape == (data.n_steps, 4, 16 + 7) and np.isfinite(data.tokens).all()
+    assert data.tokens.shape == (data.n_steps, 4, 16 + TOKEN_EXTRA_DIM) and np.isfinite(data.tokens).all()
 
 
 # ---------------------------------------------------------------------------- training and checkpoints
