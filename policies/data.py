@@ -26,7 +26,7 @@ from tqdm import tqdm
 from policies.observation import SlotMemory, frame_tokens, rgbd_image, robot_state
 from sim.dataset import EpisodeDataset
 
-CACHE_VERSION = 4  # 2: slot memory and the age feature; 3: visible centroids; 4: tracks, colour
+CACHE_VERSION = 5  # 2: slot memory and the age feature; 3: visible centroids; 4: tracks, colour; 5: hard colour
 FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio")
 
 

@@ -64,7 +64,7 @@ class SlotMemory:
     Streams are batched: one memory per batch of streams, reset per episode."""
 
     def __init__(self, pos_scale_m: float = 0.15, colour_scale: float = 0.15, gate: float = 3.0,
-                 merge_m: float = 0.12, merge_colour: float = 0.15) -> None:
+                 merge_m: float = 0.15, merge_colour: float = 0.15) -> None:
         self.pos_scale_m, self.colour_scale, self.gate = pos_scale_m, colour_scale, gate
         self.merge_m, self.merge_colour = merge_m, merge_colour
         self.state: np.ndarray | None = None  # (B, K, S + 3 + 3): last seen slot vector, colour, world centre

@@ -89,7 +89,7 @@ class EncoderOutput:
     attn: Tensor | None = None  # (B, T, K, N) last slot-attention weights, normalised over slots
     # "target": (B, T, 4, H, W) the normalised input; "pixels": (B, T, K) valid-depth pixels each slot wins;
     # "centroid": (B, T, K, 5) the visible centroid + direction, before `CenterHead` moves it;
-    # "colour": (B, T, K, 3) each slot's mean RGB in [0, 1] under its mask
+    # "colour": (B, T, K, 3) mean RGB in [0, 1] of the pixels each slot wins (0 if none)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -407,7 +407,8 @@ class ObjectCentricEncoder(nn.Module):
         centroid, pixels = mask_geometry(masks, depth, intrinsics, cam_pose)
         geometry = self.center(slots, centroid, pixels) if self.center is not None else centroid
         rgb = (x_in[:, :, :3] * self.in_std[:3] + self.in_mean[:3]).unsqueeze(2)  # (B, T, 1, 3, H, W) in [0, 1]
-        colour = (masks.unsqueeze(3) * rgb).sum((-2, -1)) / masks.sum((-2, -1)).unsqueeze(-1).clamp(min=1e-6)
+        won = F.one_hot(masks.argmax(2), k).permute(0, 1, 4, 2, 3).unsqueeze(3).to(rgb.dtype)  # hard, as the centroid
+        colour = (won * rgb).sum((-2, -1)) / won.sum((-2, -1)).clamp(min=1)
         return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon, attn=attn,
                              extras={"target": x_in, "pixels": pixels, "centroid": centroid, "colour": colour})
 
