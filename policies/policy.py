@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from policies.diffusion import ConditionalUnet1D, DDPMSchedule, diffusion_loss, sample_consistency, sample_ddim
 from policies.obs_encoders import RGBDResNetEncoder, SlotSetEncoder
+from policies.observation import TOKEN_EXTRA_DIM
 
 OBS_KINDS = ("slots", "cnn")
 SAMPLERS = ("ddim", "consistency")
@@ -45,9 +46,9 @@ class PolicyConfig:
     consistency_steps: int = 1
     set_hidden: int = 128  # slots: width of the set encoder
     set_layers: int = 2
-    # slots: the last `token_tail` features of each token only (0: all). TOKEN_EXTRA_DIM keeps a track's
-    # colour and geometry and drops its slot vector: what tells the box from the goal then is colour
-    token_tail: int = 0
+    # slots: read the last `token_tail` features of each token only (0: all of it). The default keeps a
+    # track's colour and geometry and drops its 128-d slot vector, on which 200 demonstrations overfit
+    token_tail: int = TOKEN_EXTRA_DIM
     cnn_width: int = 32  # cnn: ResNet base width (ResNet-18 layout)
     cnn_stem_stride: int = 2  # cnn: 1 keeps the first stage at full resolution (4x the compute)
     # filled in from the data at training time

@@ -148,6 +148,28 @@ def test_slot_memory_follows_an_object_that_changes_slot():
     assert tok[2, 10] == 0 and not np.allclose(tok[2, 1:4].numpy(), red)  # the floor took the third track
 
 
+def test_token_tail_reads_only_a_tracks_colour_and_geometry():
+    from policies.policy import DiffusionPolicy, PolicyConfig
+
+    dim, k = 16 + TOKEN_EXTRA_DIM, 4
+    stats = {"token_mean": [0.0] * dim, "token_std": [1.0] * dim, "state_mean": [0.0] * 8, "state_std": [1.0] * 8,
+             "action_min": [-0.25, -2.0], "action_max": [0.25, 2.0]}
+    torch.manual_seed(0)
+    pol = DiffusionPolicy(PolicyConfig(obs="slots", token_dim=dim, num_slots=k, state_dim=8,
+                                       token_tail=TOKEN_EXTRA_DIM), stats).eval()
+    obs, state = torch.randn(1, 2, k, dim), torch.randn(1, 2, 8)
+    other_vectors = obs.clone()
+    other_vectors[..., :16] = torch.randn(1, 2, k, 16)
+    other_colour = obs.clone()
+    other_colour[..., 16:19] += 1.0
+    with torch.no_grad():
+        c = pol.condition(obs, state)
+        assert torch.equal(c, pol.condition(other_vectors, state))
+        assert not torch.allclose(c, pol.condition(other_colour, state))
+    with pytest.raises(ValueError, match="token_tail"):
+        DiffusionPolicy(PolicyConfig(obs="slots", token_dim=dim, num_slots=k, state_dim=8, token_tail=dim + 1), stats)
+
+
 def test_rgbd_image_scales_and_zeroes_invalid_depth():
     rgb = np.full((4, 4, 3), 255, np.uint8)
     depth = np.full((4, 4), 1.5, np.float32)
