@@ -103,12 +103,11 @@ class SlotMemory:
                 k = group[k]
             return k
 
-        for a in seen:
-            for b in seen[seen > a]:
-                near = np.linalg.norm(now[a, s + 3:s + 5] - now[b, s + 3:s + 5]) < self.merge_m
-                alike = np.linalg.norm(now[a, s:s + 3] - now[b, s:s + 3]) < self.merge_colour
-                if near and alike:
-                    group[root(int(b))] = root(int(a))
+        x = now[seen]
+        same = ((np.linalg.norm(x[:, None, s + 3:s + 5] - x[None, :, s + 3:s + 5], axis=-1) < self.merge_m)
+                & (np.linalg.norm(x[:, None, s:s + 3] - x[None, :, s:s + 3], axis=-1) < self.merge_colour))
+        for i, j in zip(*np.nonzero(np.triu(same, 1))):
+            group[root(int(seen[j]))] = root(int(seen[i]))
         det, det_px = [], []
         for r in sorted({root(k) for k in group}):
             members = np.array([k for k in group if root(k) == r])
