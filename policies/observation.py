@@ -44,9 +44,10 @@ def _to_local(xy: Tensor, origin: Tensor, yaw: Tensor) -> Tensor:
 class SlotMemory:
     """Object permanence over one stream, by object track rather than by slot index.
 
-    Slot attention does not promise that an object keeps its slot: over a demonstration the slot
-    that holds most of the box is the same slot on only about 65% of the frames, mostly because
-    the box is handed from one slot to another over a few frames while the robot closes in. So the
+    Slot attention does not promise that an object keeps its slot: over Single-easy episodes the
+    slot that holds most of the box is the same slot on only 62% of its frames, mostly because the
+    box is handed from one slot to another over a few frames while the robot closes in (tracks: 93%,
+    `benchmarks/policy_tracks.py`). So the
     memory keeps K object tracks, as a multi-object tracker does. Each frame:
 
     1. the slots that see something (`MIN_SEEN_PIXELS`) are detections; detections closer than
