@@ -41,6 +41,7 @@ class EvalConfig:
     workers: int = 2
     sampler: str | None = None  # ddim | consistency; default: the checkpoint's
     steps: int | None = None  # sampler steps; default: the checkpoint's
+    n_action: int | None = None  # actions executed per chunk before re-planning; default: the checkpoint's
     select: int = 0  # world-model-guided selection: sample this many chunks, execute the predictor's best
     predictor: str = ""  # with select > 0: the predictor checkpoint (trained on the policy's encoder)
     videos: str = "failures"  # failures | all | none
@@ -63,6 +64,8 @@ def controller_target(cfg: EvalConfig) -> dict[str, Any]:
         target["sampler"] = cfg.sampler
     if cfg.steps:
         target["steps"] = cfg.steps
+    if cfg.n_action:
+        target["n_action"] = cfg.n_action
     if cfg.select > 0:
         target |= {"select": cfg.select, "predictor": cfg.predictor}
     return target

@@ -316,6 +316,16 @@ def test_ego_eval_of_a_policy_writes_failure_videos(slots_policy, tmp_path):
     assert all(Path(x["video"]).is_file() for x in failed)
 
 
+def test_ego_eval_passes_n_action_to_the_controller(slots_policy):
+    from hydra.utils import instantiate
+
+    from policies.evaluate import EvalConfig, controller_target
+
+    target = controller_target(EvalConfig(checkpoint=str(slots_policy), n_action=2))
+    assert target["n_action"] == 2 and instantiate(target).n_action == 2
+    assert "n_action" not in controller_target(EvalConfig(checkpoint=str(slots_policy)))
+
+
 def test_ego_eval_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(ValueError, match="not a policy directory"):
         run_eval(checkpoint=str(tmp_path / "nothing"), episodes=1, workers=0)
