@@ -404,11 +404,11 @@ class ObjectCentricEncoder(nn.Module):
         masks = torch.softmax(logits, dim=1).view(b, t, k, h, w)
         rgbd = rgbd.view(b, t, k, 4, h, w)
         recon = (masks.unsqueeze(3) * rgbd).sum(2)
-        centroid, pixels = mask_geometry(masks, depth, intrinsics, cam_pose)
+        won = F.one_hot(masks.argmax(2), k).permute(0, 1, 4, 2, 3).float()  # (B, T, K, H, W) hard assignment
+        centroid, pixels = mask_geometry(won, depth, intrinsics, cam_pose)
         geometry = self.center(slots, centroid, pixels) if self.center is not None else centroid
         rgb = (x_in[:, :, :3] * self.in_std[:3] + self.in_mean[:3]).unsqueeze(2)  # (B, T, 1, 3, H, W) in [0, 1]
-        won = F.one_hot(masks.argmax(2), k).permute(0, 1, 4, 2, 3).unsqueeze(3).to(rgb.dtype)  # hard, as the centroid
-        colour = (won * rgb).sum((-2, -1)) / won.sum((-2, -1)).clamp(min=1)
+        colour = (won.unsqueeze(3) * rgb).sum((-2, -1)) / won.sum((-2, -1)).unsqueeze(-1).clamp(min=1)
         return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon, attn=attn,
                              extras={"target": x_in, "pixels": pixels, "centroid": centroid, "colour": colour})
 
@@ -457,14 +457,14 @@ class ObjectCentricEncoder(nn.Module):
 # ---------------------------------------------------------------------------- geometry of the slots
 
 
-def mask_geometry(masks: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> tuple[Tensor, Tensor]:
-    """Per slot: world-frame centroid of the valid-depth pixels it wins (argmax over slots), and the
-    planar unit direction from the camera to it. masks (B, T, K, H, W), depth (B, T, H, W)
-    -> geometry (B, T, K, 5), pixels won (B, T, K).
+def mask_geometry(won: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> tuple[Tensor, Tensor]:
+    """Per slot: world-frame centroid of the valid-depth pixels it wins, and the planar unit direction
+    from the camera to it. won (B, T, K, H, W) the one-hot argmax of the masks over slots, depth
+    (B, T, H, W) -> geometry (B, T, K, 5), pixels won (B, T, K).
     Hard assignment, because soft alphas leak a little weight over the whole image and a little
     weight on thousands of floor pixels drags an object's centroid far off (this part is not
     trained through). A slot that wins no valid pixel gets the camera position and a zero direction."""
-    h, w = masks.shape[-2:]
+    h, w = won.shape[-2:]
     d = torch.nan_to_num(depth.float(), nan=0.0, posinf=0.0, neginf=0.0)
     valid = (d > 0).float()
     v, u = torch.meshgrid(torch.arange(h, device=d.device, dtype=d.dtype),  # pixel centres at integers,
@@ -473,8 +473,7 @@ def mask_geometry(masks: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Te
     cx, cy = intrinsics[..., 0, 2, None, None], intrinsics[..., 1, 2, None, None]
     pts_cam = torch.stack([(u - cx) / fx * d, (v - cy) / fy * d, d], -1)  # (B, T, H, W, 3)
     pts = pts_cam @ cam_pose[..., None, :3, :3].transpose(-1, -2) + cam_pose[..., None, None, :3, 3]
-    won = F.one_hot(masks.argmax(2), masks.shape[2]).permute(0, 1, 4, 2, 3).to(d.dtype)
-    wmask = won * valid.unsqueeze(2)  # (B, T, K, H, W)
+    wmask = won.to(d.dtype) * valid.unsqueeze(2)  # (B, T, K, H, W)
     mass = wmask.sum((-1, -2))
     centre = torch.einsum("btkhw,bthwc->btkc", wmask, pts) / mass.clamp(min=1e-6).unsqueeze(-1)
     cam = cam_pose[..., :3, 3].unsqueeze(2).expand_as(centre)
