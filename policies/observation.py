@@ -87,8 +87,7 @@ class SlotMemory:
             det, det_px = self._detections(now[b], px[b], s)
             for track, d in self._assign(self.state[b], self.age[b], det, s):
                 self.state[b, track], shown[b, track] = det[d], det_px[d]
-        self.age = np.where(shown > 0, 0.0, np.minimum(self.age + 1, NEVER_SEEN_AGE))
-        for b in range(now.shape[0]):
+            self.age[b] = np.where(shown[b] > 0, 0.0, np.minimum(self.age[b] + 1, NEVER_SEEN_AGE))
             self._forget_duplicates(b, shown[b] > 0, s)
         out = [torch.from_numpy(a).to(slots.device, slots.dtype)
                for a in (self.state[..., :s], self.state[..., s:s + 3], self.state[..., s + 3:], shown, self.age)]
@@ -104,10 +103,7 @@ class SlotMemory:
                 k = group[k]
             return k
 
-        x = now[seen]
-        same = ((np.linalg.norm(x[:, None, s + 3:s + 5] - x[None, :, s + 3:s + 5], axis=-1) < self.merge_m)
-                & (np.linalg.norm(x[:, None, s:s + 3] - x[None, :, s:s + 3], axis=-1) < self.merge_colour))
-        for i, j in zip(*np.nonzero(np.triu(same, 1))):
+        for i, j in zip(*np.nonzero(np.triu(self._same_object(now[seen], now[seen], s), 1))):
             group[root(int(seen[j]))] = root(int(seen[i]))
         det, det_px = [], []
         for r in sorted({root(k) for k in group}):
@@ -123,11 +119,21 @@ class SlotMemory:
         """A remembered track that lies where a track seen now is, with its colour, is that object's
         old track (its slot lost the object to another one before the merge caught it): forget it, so
         that no copy of an object stays behind in memory."""
-        for k in np.flatnonzero(~seen & (self.age[b] < NEVER_SEEN_AGE)):
-            near = np.linalg.norm(self.state[b, seen, s + 3:s + 5] - self.state[b, k, s + 3:s + 5], axis=-1)
-            alike = np.linalg.norm(self.state[b, seen, s:s + 3] - self.state[b, k, s:s + 3], axis=-1)
-            if np.any((near < self.merge_m) & (alike < self.merge_colour)):
-                self.age[b, k] = NEVER_SEEN_AGE
+        old = np.flatnonzero(~seen & (self.age[b] < NEVER_SEEN_AGE))
+        copies = self._same_object(self.state[b, old], self.state[b, seen], s).any(1)
+        self.age[b, old[copies]] = NEVER_SEEN_AGE
+
+    @staticmethod
+    def _distances(a: np.ndarray, b: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows (A, F) and (B, F) of slot vector, colour, world centre -> (A, B) floor distances (m) and
+        colour distances."""
+        floor = np.linalg.norm(a[:, None, s + 3:s + 5] - b[None, :, s + 3:s + 5], axis=-1)
+        return floor, np.linalg.norm(a[:, None, s:s + 3] - b[None, :, s:s + 3], axis=-1)
+
+    def _same_object(self, a: np.ndarray, b: np.ndarray, s: int) -> np.ndarray:
+        """(A, B) bool: close on the floor and alike in colour, so one object."""
+        floor, colour = self._distances(a, b, s)
+        return (floor < self.merge_m) & (colour < self.merge_colour)
 
     def _assign(self, tracks: np.ndarray, age: np.ndarray, det: np.ndarray, s: int) -> list[tuple[int, int]]:
         """Tracks (K, F) and their ages (K,), detections (D, F) -> (track, detection) pairs."""
@@ -136,8 +142,8 @@ class SlotMemory:
         if len(det) == 0:
             return []
         known = age < NEVER_SEEN_AGE
-        cost = (np.linalg.norm(tracks[:, None, s + 3:s + 5] - det[None, :, s + 3:s + 5], axis=-1) / self.pos_scale_m
-                + np.linalg.norm(tracks[:, None, s:s + 3] - det[None, :, s:s + 3], axis=-1) / self.colour_scale)
+        floor, colour = self._distances(tracks, det, s)
+        cost = floor / self.pos_scale_m + colour / self.colour_scale
         # a detection beyond the gate is another object. It starts a track: on an unused one at the gate's
         # cost; on a used one, dropping its memory, at a cost falling from 3 to 2 gates as that goes
         # unseen. Past 2.5 gates it goes untracked instead (rows of their own), so only objects unseen
