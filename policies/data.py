@@ -28,6 +28,8 @@ from sim.dataset import EpisodeDataset
 
 CACHE_VERSION = 5  # 2: slot memory and the age feature; 3: visible centroids; 4: tracks, colour; 5: hard colour
 FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio")
+# privileged simulator state, read for the auxiliary targets only (`remembered_positions`), never as input
+STATE_KEYS = ("robot_pose", "object_poses", "goal", "visible", "goal_visible")
 
 
 @dataclass
@@ -41,6 +43,9 @@ class DemoData:
     tokens: np.ndarray | None = None  # (N, K, S + TOKEN_EXTRA_DIM) float32 slot tokens (slots policy)
     rgb: np.ndarray | None = None  # (N, H, W, 3) uint8 (cnn policy)
     depth: np.ndarray | None = None  # (N, H, W) float16 m (cnn policy)
+    # (N, M, 3) float32 training-only targets: each object's and goal's last seen planar position in the
+    # robot's frame and whether it has been seen yet (`remembered_positions`); None without them
+    aux: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.action)
@@ -64,9 +69,12 @@ class DemoData:
 
     def sample(self, steps: np.ndarray, n_obs: int, horizon: int, kind: str) -> dict[str, Tensor]:
         """Training windows at global steps (B,): "obs" (B, To, K, F) tokens or (B, To, 4, H, W) images,
-        "state" (B, To, P + 4), "action" (B, Tp, 2)."""
+        "state" (B, To, P + 4), "action" (B, Tp, 2) and, with aux targets, "aux" (B, M, 3) at the last
+        observed step."""
         obs_i, act_i = self.window_index(steps, n_obs, horizon)
         out = {"state": torch.from_numpy(self.state[obs_i]), "action": torch.from_numpy(self.action[act_i])}
+        if self.aux is not None:
+            out["aux"] = torch.from_numpy(self.aux[obs_i[:, -1]])
         if kind == "slots":
             out["obs"] = torch.from_numpy(self.tokens[obs_i])
         else:
@@ -100,7 +108,8 @@ def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = No
         raise ValueError(f"kind must be 'slots' or 'cnn'; got {kind!r}")
     if not paths:
         raise ValueError("no demonstration datasets given")
-    keys = (*FRAME_KEYS, "action")
+    with_state = all(set(STATE_KEYS) <= set(EpisodeDataset.open(p).keys) for p in paths)
+    keys = (*FRAME_KEYS, "action", *(STATE_KEYS if with_state else ()))
     items = list(_read_episodes(paths, keys))
     episodes = [ep for _, _, ep in items]
     lengths = np.array([len(ep["action"]) for ep in episodes])
@@ -113,6 +122,8 @@ def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = No
         action.append(ep["action"].astype(np.float32))
     data = dict(state=np.concatenate(state).astype(np.float32), action=np.concatenate(action), starts=starts,
                 ends=ends)
+    if with_state and len({remembered_count(ep) for ep in episodes}) == 1:  # one object count across datasets
+        data["aux"] = np.concatenate([remembered_positions(ep) for ep in episodes])
     if kind == "cnn":
         return DemoData(**data, rgb=np.concatenate([ep["rgb"] for ep in episodes]),
                         depth=np.concatenate([ep["depth"] for ep in episodes]).astype(np.float16))
@@ -139,6 +150,32 @@ def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = No
             _atomic_write(cache, write)
         tokens.append(tok)
     return DemoData(**data, tokens=np.concatenate(tokens))
+
+
+def remembered_count(ep: dict[str, np.ndarray]) -> int:
+    return ep["object_poses"].shape[1] + ep["goal"].shape[1]
+
+
+def remembered_positions(ep: dict[str, np.ndarray]) -> np.ndarray:
+    """One episode's privileged state -> (T, M, 3) float32: for each of its M objects and goal markers,
+    where it was last in the robot's field of view (`visible` / `goal_visible`), as (forward, left) m
+    in the robot's frame at each step, and 1 once it has been seen (before that: 0, 0, 0).
+
+    This is what a perfect object memory would hold, built only from what the camera has shown. The
+    policy is trained to read it back from its conditioning (`DiffusionPolicy.aux_loss`), which tells
+    the observation encoder which tracks are the task's objects: a training-time target, as the
+    encoder's segmentation is, never an input."""
+    pos = np.concatenate([ep["object_poses"][..., :2], ep["goal"]], 1).astype(np.float64)  # (T, M, 2)
+    seen = np.concatenate([ep["visible"], ep["goal_visible"]], 1).astype(bool)  # (T, M)
+    t = np.arange(len(pos))[:, None]
+    last = np.maximum.accumulate(np.where(seen, t, -1), axis=0)  # last step each was seen, -1 if not yet
+    held = pos[np.maximum(last, 0), np.arange(pos.shape[1])[None]]
+    x, y, yaw = (ep["robot_pose"][:, i:i + 1].astype(np.float64) for i in range(3))
+    dx, dy = held[..., 0] - x, held[..., 1] - y
+    c, s = np.cos(yaw), np.sin(yaw)
+    known = last >= 0
+    out = np.stack([c * dx + s * dy, -s * dx + c * dy, np.ones_like(dx)], -1) * known[..., None]
+    return out.astype(np.float32)
 
 
 def cache_key(encoder_dir: str | Path, paths: list[str], seed: int) -> str:

@@ -49,6 +49,9 @@ class PolicyConfig:
     # slots: read the last `token_tail` features of each token only (0: all of it). The default keeps a
     # track's colour and geometry and drops its 128-d slot vector, on which 200 demonstrations overfit
     token_tail: int = TOKEN_EXTRA_DIM
+    # objects and goal markers whose remembered positions an auxiliary head reads back from the conditioning
+    # in training (`aux_loss`; filled in from the data when train.aux_weight > 0); 0: no head
+    aux_targets: int = 0
     cnn_width: int = 32  # cnn: ResNet base width (ResNet-18 layout)
     cnn_stem_stride: int = 2  # cnn: 1 keeps the first stage at full resolution (4x the compute)
     # filled in from the data at training time
@@ -99,6 +102,8 @@ class DiffusionPolicy(nn.Module):
 
         self.unet = unet()
         self.student = unet()
+        if cfg.aux_targets > 0:
+            self.aux_head = nn.Sequential(nn.Linear(cfg.cond_dim, 256), nn.Mish(), nn.Linear(256, 3 * cfg.aux_targets))
         self.register_buffer("distilled", torch.zeros((), dtype=torch.bool))
         self.register_buffer("state_mean", torch.tensor(stats["state_mean"], dtype=torch.float32))
         self.register_buffer("state_std", torch.tensor(stats["state_std"], dtype=torch.float32))
@@ -124,10 +129,28 @@ class DiffusionPolicy(nn.Module):
             return self.obs_encoder(x[..., -self.cfg.token_tail:] if self.cfg.token_tail else x, state)
         return self.obs_encoder(obs, state)
 
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """DDPM epsilon loss of the expert's chunks: batch "obs", "state", "action" (B, Tp, 2)."""
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None, aux_weight: float = 0.0
+             ) -> tuple[Tensor, dict[str, float]]:
+        """DDPM epsilon loss of the expert's chunks (batch "obs", "state", "action" (B, Tp, 2)), plus
+        `aux_weight` x `aux_loss` when the batch has "aux" targets -> total and its parts."""
         cond = self.condition(batch["obs"], batch["state"])
-        return diffusion_loss(self.unet, self.schedule, self.normalise_action(batch["action"]), cond, generator)
+        loss = diffusion_loss(self.unet, self.schedule, self.normalise_action(batch["action"]), cond, generator)
+        parts = {"diffusion": loss.item()}
+        if aux_weight > 0 and self.cfg.aux_targets > 0 and "aux" in batch:
+            aux = self.aux_loss(cond, batch["aux"])
+            parts["aux"] = aux.item()
+            loss = loss + aux_weight * aux
+        return loss, parts
+
+    def aux_loss(self, cond: Tensor, target: Tensor) -> Tensor:
+        """How well the conditioning (B, C) tells where the task's objects are: Huber (m) between the aux
+        head's read-out and `policies.data.remembered_positions` targets (B, M, 3) for the objects seen
+        so far, plus the cross-entropy of the seen flags."""
+        pred = self.aux_head(cond).view(len(cond), -1, 3)
+        seen = target[..., 2]
+        where = nn.functional.huber_loss(pred[..., :2], target[..., :2], reduction="none", delta=0.1).sum(-1)
+        flag = nn.functional.binary_cross_entropy_with_logits(pred[..., 2], seen)
+        return (where * seen).sum() / seen.sum().clamp(min=1) + 0.1 * flag
 
     @torch.no_grad()
     def predict(self, obs: Tensor, state: Tensor, *, sampler: str | None = None, steps: int | None = None,

@@ -66,6 +66,9 @@ class PolicyTrainConfig:
     grad_clip: float = 1.0
     ema_power: float = 0.75
     time_budget_min: float = 30.0  # per phase
+    # weight of the auxiliary read-out of where the task's objects are (`DiffusionPolicy.aux_loss`), a
+    # training-only privileged target; 0 = none
+    aux_weight: float = 1.0
     distill_steps: int = 1000  # consistency distillation; 0 = no few-step sampler
     distill_lr: float = 1e-4
     distill_skip: int = 10  # teacher DDIM step length (in DDPM steps) per consistency pair
@@ -138,7 +141,8 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, *, demos:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = demos if demos is not None else _load_data(cfg, out, dev)
-    mcfg = replace(pc, state_dim=data.state.shape[-1], action_dim=data.action.shape[-1])
+    mcfg = replace(pc, state_dim=data.state.shape[-1], action_dim=data.action.shape[-1],
+                   aux_targets=data.aux.shape[1] if data.aux is not None and tc.aux_weight > 0 else 0)
     if pc.obs == "slots":
         mcfg = replace(mcfg, token_dim=data.tokens.shape[-1], num_slots=data.tokens.shape[-2])
     else:
@@ -192,8 +196,8 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, *, demos:
             "diffusion_progress": (prog1.step, prog1.train_s, prog1.history),
             "distill_progress": (0, 0.0, [])})
 
-    fit(prog1, p1, opt=opt, params=list(model.parameters()), loss_fn=lambda s: _diffusion_step(model, *batch_at(
-        "diffusion", s)), save=save_phase1, tag="diffusion", out=out, main=True, world=1, dev=dev,
+    fit(prog1, p1, opt=opt, params=list(model.parameters()), loss_fn=lambda s: model.loss(
+        *batch_at("diffusion", s), aux_weight=tc.aux_weight), save=save_phase1, tag="diffusion", out=out, main=True, world=1, dev=dev,
         show_progress=cfg.progress, after_step=lambda: ema.update(model), program="ego-train-policy")
 
     if tc.distill_steps > 0:
@@ -256,12 +260,6 @@ def _load_data(cfg: TrainPolicyConfig, out: Path, dev: torch.device) -> DemoData
                       device=dev, seed=tc.seed, progress=cfg.progress)
 
 
-def _diffusion_step(model: DiffusionPolicy, batch: dict[str, torch.Tensor], gen: torch.Generator
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
-    loss = model.loss(batch, gen)
-    return loss, {"diffusion": loss.item()}
-
-
 def _resolved(cfg: TrainPolicyConfig, mcfg: PolicyConfig) -> dict[str, Any]:
     d = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     d["policy"] = policy_config_dict(mcfg)
@@ -286,7 +284,8 @@ def _init_state(directory: str, mcfg: PolicyConfig) -> dict[str, Any]:
     if config.get("stage") != "policy":
         raise ValueError(f"init={directory} is not a policy checkpoint (stage {config.get('stage')!r})")
     theirs, ours = config.get("policy", {}), policy_config_dict(mcfg)
-    differ = sorted(k for k in ours if k not in ("sampler",) and theirs.get(k) != ours[k])
+    default = policy_config_dict(PolicyConfig())  # fields older checkpoints do not name
+    differ = sorted(k for k in ours if k not in ("sampler",) and theirs.get(k, default[k]) != ours[k])
     if differ:
         raise ValueError(f"init={directory} has another policy shape: " + ", ".join(
             f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in differ))
@@ -315,9 +314,12 @@ def write_report(out: Path, cfg: TrainPolicyConfig, metrics: dict[str, Any]) -> 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, key, hist in ((axes[0], "diffusion", metrics["history"]), (axes[1], "consistency",
                                                                           metrics["distill_history"])):
-        pts = [(h["step"], h[key]) for h in hist if key in h]
-        if pts:
-            ax.plot(*zip(*pts))
+        for name in (key, "aux"):
+            pts = [(h["step"], h[name]) for h in hist if name in h]
+            if pts:
+                ax.plot(*zip(*pts), label=name)
+        if any("aux" in h for h in hist):
+            ax.legend()
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(f"{key} loss")

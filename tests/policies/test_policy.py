@@ -187,6 +187,22 @@ def test_windows_clamp_to_their_episode():
     np.testing.assert_array_equal(act, [[0, 0, 1, 2], [2, 3, 3, 3], [4, 4, 5, 6], [8, 9, 9, 9]])
 
 
+def test_remembered_positions_hold_the_last_seen_place_in_the_robots_frame():
+    """The auxiliary targets: where each object was last seen, in the robot's current frame, and nothing
+    for what has not been seen yet."""
+    from policies.data import remembered_positions
+
+    ep = {"robot_pose": np.array([[0.0, 0.0, 0.0], [0.5, 0.0, math.pi / 2]]),
+          "object_poses": np.array([[[1.0, 0.0, 0.0]], [[2.0, 2.0, 0.0]]]),  # moved out of view at step 1
+          "goal": np.array([[[3.0, 1.0]], [[3.0, 1.0]]]),
+          "visible": np.array([[True], [False]]), "goal_visible": np.array([[False], [False]])}
+    aux = remembered_positions(ep)
+    assert aux.shape == (2, 2, 3) and aux.dtype == np.float32
+    np.testing.assert_allclose(aux[0, 0], [1.0, 0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(aux[1, 0], [0.0, -0.5, 1.0], atol=1e-6)  # 0.5 m behind the turned robot's right
+    np.testing.assert_array_equal(aux[:, 1], 0.0)  # the goal: never in view
+
+
 def test_slot_tokens_of_the_demos_equal_the_controllers(demos, encoder_dir):
     """Training reads the slots the controller computes on the robot: the same encoder stream gives
     the same tokens."""
@@ -216,6 +232,8 @@ def test_training_lowers_the_loss_and_writes_a_complete_checkpoint(slots_policy)
     m = json.loads((slots_policy / "metrics.json").read_text())
     losses = [h["diffusion"] for h in m["history"]]
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
+    aux = [h["aux"] for h in m["history"]]  # the read-out of the 3 objects' and the goal's positions learns too
+    assert np.mean(aux[-10:]) < 0.7 * np.mean(aux[:5])
     assert m["finished"] and m["distill_steps"] == 10
     for f in ("config.yaml", "model.safetensors", "stats.json", "metrics.json", "report.md", "loss.png",
               "encoder/model.safetensors"):
@@ -224,7 +242,7 @@ def test_training_lowers_the_loss_and_writes_a_complete_checkpoint(slots_policy)
     model, _ = load_policy(slots_policy)
     a = torch.tensor([[stats["action_min"][0], stats["action_max"][1]], [0.1, -0.5]])
     np.testing.assert_allclose(model.unnormalise_action(model.normalise_action(a)).numpy(), a.numpy(), atol=1e-6)
-    assert bool(model.distilled)
+    assert bool(model.distilled) and model.cfg.aux_targets == 4
 
 
 def test_rerun_of_a_finished_run_resumes_without_training(slots_policy, demos, encoder_dir):
