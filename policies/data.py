@@ -24,12 +24,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from policies.observation import SlotMemory, frame_tokens, rgbd_image, robot_state
+from sim.collect import STATE_KEYS  # privileged state: read for the auxiliary targets only, never as input
 from sim.dataset import EpisodeDataset
 
 CACHE_VERSION = 5  # 2: slot memory and the age feature; 3: visible centroids; 4: tracks, colour; 5: hard colour
 FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio")
-# privileged simulator state, read for the auxiliary targets only (`remembered_positions`), never as input
-STATE_KEYS = ("robot_pose", "object_poses", "goal", "visible", "goal_visible")
 
 
 @dataclass
@@ -46,6 +45,9 @@ class DemoData:
     # (N, M, 3) float32 training-only targets: each object's and goal's last seen planar position in the
     # robot's frame and whether it has been seen yet (`remembered_positions`); None without them
     aux: np.ndarray | None = None
+    # (N, L, 2) float32: where a dataset labels each step with a whole chunk (`action_chunk`, DAgger's
+    # expert look-ahead), the actions from that step on; NaN rows elsewhere; None if no dataset does
+    chunk: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.action)
@@ -72,7 +74,16 @@ class DemoData:
         "state" (B, To, P + 4), "action" (B, Tp, 2) and, with aux targets, "aux" (B, M, 3) at the last
         observed step."""
         obs_i, act_i = self.window_index(steps, n_obs, horizon)
-        out = {"state": torch.from_numpy(self.state[obs_i]), "action": torch.from_numpy(self.action[act_i])}
+        action = self.action[act_i]
+        if self.chunk is not None:  # steps labelled with a chunk take it from the current step on
+            future = horizon - n_obs + 1
+            if self.chunk.shape[1] < future:
+                raise ValueError(f"action chunks of {self.chunk.shape[1]} steps cannot fill a horizon of {horizon} "
+                                 f"with {n_obs} observations")
+            rows = self.chunk[steps, :future]
+            has = ~np.isnan(rows).any((1, 2))
+            action[has, n_obs - 1:] = rows[has]
+        out = {"state": torch.from_numpy(self.state[obs_i]), "action": torch.from_numpy(action)}
         if self.aux is not None:
             out["aux"] = torch.from_numpy(self.aux[obs_i[:, -1]])
         if kind == "slots":
@@ -82,8 +93,9 @@ class DemoData:
         return out
 
 
-def _read_episodes(paths: list[str], keys: tuple[str, ...]):
-    """Yield (path, episode index, episode dict) over the datasets, after checking they hold `keys`."""
+def _read_episodes(paths: list[str], keys: tuple[str, ...], optional: tuple[str, ...] = ()):
+    """Yield (path, episode index, episode dict) over the datasets, after checking they hold `keys`; the
+    `optional` keys are read where a dataset has them."""
     sets = []
     for p in paths:
         ds = EpisodeDataset.open(p)
@@ -94,8 +106,9 @@ def _read_episodes(paths: list[str], keys: tuple[str, ...]):
             raise ValueError(f"{p}: dataset lacks {missing}; collect demonstrations with ego-collect")
         sets.append((p, ds))
     for p, ds in sets:
+        extra = [k for k in optional if k in ds.keys]
         for e in range(ds.n_episodes):
-            yield p, e, ds.episode(e, list(keys))
+            yield p, e, ds.episode(e, [*keys, *extra])
 
 
 def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = None, *,
@@ -110,7 +123,7 @@ def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = No
         raise ValueError("no demonstration datasets given")
     with_state = all(set(STATE_KEYS) <= set(EpisodeDataset.open(p).keys) for p in paths)
     keys = (*FRAME_KEYS, "action", *(STATE_KEYS if with_state else ()))
-    items = list(_read_episodes(paths, keys))
+    items = list(_read_episodes(paths, keys, optional=("action_chunk",)))
     episodes = [ep for _, _, ep in items]
     lengths = np.array([len(ep["action"]) for ep in episodes])
     ends = np.cumsum(lengths)
@@ -124,6 +137,11 @@ def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = No
                 ends=ends)
     if with_state and len({remembered_count(ep) for ep in episodes}) == 1:  # one object count across datasets
         data["aux"] = np.concatenate([remembered_positions(ep) for ep in episodes])
+    chunked = [ep["action_chunk"] for ep in episodes if "action_chunk" in ep]
+    if chunked:
+        shape = (chunked[0].shape[1], chunked[0].shape[2])
+        data["chunk"] = np.concatenate([ep["action_chunk"].astype(np.float32) if "action_chunk" in ep else
+                                        np.full((len(ep["action"]), *shape), np.nan, np.float32) for ep in episodes])
     if kind == "cnn":
         return DemoData(**data, rgb=np.concatenate([ep["rgb"] for ep in episodes]),
                         depth=np.concatenate([ep["depth"] for ep in episodes]).astype(np.float16))

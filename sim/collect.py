@@ -14,6 +14,8 @@ Per-step keys (step t = observation t, the action chosen from it, its outcome):
   action            float32 (2,)    the label to imitate (`recorded_action`; for the
                                     noisy expert the noise-free action)
   executed_action   float32 (2,)    what was sent to `env.step`
+  action_chunk      float32 (L, 2)  only from controllers that set `label_chunk`: the
+                                    actions to imitate from step t on (DAgger's labels)
   reward            float32 ()      reward of the step
   is_success        bool ()         success after the step
   robot_pose (3,), object_poses (N, 3), goal (G, 2)   float32, privileged state at
@@ -187,6 +189,9 @@ class EpisodeRecorder:
             from hydra.utils import instantiate
 
             self.controller = instantiate(controller)
+            bind = getattr(self.controller, "bind_env", None)
+            if bind is not None:
+                bind(self.env)
 
     def __call__(self, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         controller = self.controller or make_policy(self.policy, seed, self.noise_std, self.noise_prob)
@@ -196,6 +201,9 @@ class EpisodeRecorder:
             row = {k: tr.obs[k] for k in OBS_KEYS} | {k: tr.info[k] for k in STATE_KEYS}
             row |= {"action": tr.label, "executed_action": tr.executed, "reward": tr.reward,
                     "is_success": tr.next_info["is_success"]}
+            chunk = getattr(controller, "label_chunk", None)
+            if chunk is not None:
+                row["action_chunk"] = np.asarray(chunk, np.float32)
             if self.overview:
                 row["overview"] = tr.overview
             if "segmentation" in tr.info:

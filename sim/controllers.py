@@ -6,6 +6,10 @@ holds privileged state; scripted experts read only what their virtual field of
 view allows (see `sim.experts`). A controller may set `label` to the action that
 should be recorded for imitation when it differs from the one it executes
 (noise injection with recovery); recorders fall back to the executed action.
+A controller may also set `label_chunk`, float32 (L, 2): the actions to imitate from
+this step on (the label first), recorded as `action_chunk`; and may have
+`bind_env(env)`, which recorders call once so that it can look ahead in the
+simulator (`EgoPushEnv.get_state` / `set_state`), as the DAgger labeller does.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ Privileged state (object/goal/robot poses, visibility, segmentation) is in `info
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -287,6 +288,26 @@ class EgoPushEnv(gym.Env):
                 r.close()
 
     # ------------------------------------------------------------------ state access
+    def get_state(self) -> dict[str, Any]:
+        """Everything `step` depends on, to come back to with `set_state` (e.g. after letting a scripted
+        expert look ahead from here): MuJoCo's integration state (physics, controls, warm start), the episode's counters, odometry
+        drift, reward potential and the env's random generator."""
+        full = mujoco.mjtState.mjSTATE_INTEGRATION
+        physics = np.empty(mujoco.mj_stateSize(self.model, full))
+        mujoco.mj_getState(self.model, self.data, physics, full)
+        return {"physics": physics, "steps": self._steps, "n_clipped": self._n_clipped,
+                "odom_error": self._odom_error.copy(), "prev_potential": self._prev_potential,
+                "rng": copy.deepcopy(self.np_random.bit_generator.state)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Return to a state taken by `get_state` in this episode."""
+        mujoco.mj_setState(self.model, self.data, state["physics"], mujoco.mjtState.mjSTATE_INTEGRATION)
+        mujoco.mj_forward(self.model, self.data)
+        self._steps, self._n_clipped = state["steps"], state["n_clipped"]
+        self._odom_error = state["odom_error"].copy()
+        self._prev_potential = state["prev_potential"]
+        self.np_random.bit_generator.state = copy.deepcopy(state["rng"])
+
     def robot_pose(self) -> np.ndarray:
         """True planar pose (x, y, yaw) of the robot's axle centre."""
         q = self.data.qpos[self._robot_qadr : self._robot_qadr + 7]

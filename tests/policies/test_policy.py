@@ -185,6 +185,11 @@ def test_windows_clamp_to_their_episode():
     obs, act = d.window_index(np.array([0, 3, 4, 9]), n_obs=2, horizon=4)
     np.testing.assert_array_equal(obs, [[0, 0], [2, 3], [4, 4], [8, 9]])
     np.testing.assert_array_equal(act, [[0, 0, 1, 2], [2, 3, 3, 3], [4, 4, 5, 6], [8, 9, 9, 9]])
+    d.chunk = np.full((10, 3, 2), np.nan, np.float32)  # step 3 labelled with a chunk of its own (DAgger)
+    d.chunk[3] = [[-1, -1], [-2, -2], [-3, -3]]
+    d.tokens = np.zeros((10, 1, 3), np.float32)
+    a = d.sample(np.array([3, 4]), n_obs=2, horizon=4, kind="slots")["action"].numpy()[..., 0]
+    np.testing.assert_array_equal(a, [[4, -1, -2, -3], [8, 8, 10, 12]])  # past label, then the chunk
 
 
 def test_remembered_positions_hold_the_last_seen_place_in_the_robots_frame():
@@ -232,8 +237,6 @@ def test_training_lowers_the_loss_and_writes_a_complete_checkpoint(slots_policy)
     m = json.loads((slots_policy / "metrics.json").read_text())
     losses = [h["diffusion"] for h in m["history"]]
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
-    aux = [h["aux"] for h in m["history"]]  # the read-out of the 3 objects' and the goal's positions learns too
-    assert np.mean(aux[-10:]) < 0.7 * np.mean(aux[:5])
     assert m["finished"] and m["distill_steps"] == 10
     for f in ("config.yaml", "model.safetensors", "stats.json", "metrics.json", "report.md", "loss.png",
               "encoder/model.safetensors"):
@@ -242,7 +245,15 @@ def test_training_lowers_the_loss_and_writes_a_complete_checkpoint(slots_policy)
     model, _ = load_policy(slots_policy)
     a = torch.tensor([[stats["action_min"][0], stats["action_max"][1]], [0.1, -0.5]])
     np.testing.assert_allclose(model.unnormalise_action(model.normalise_action(a)).numpy(), a.numpy(), atol=1e-6)
-    assert bool(model.distilled) and model.cfg.aux_targets == 4
+    assert bool(model.distilled) and model.cfg.aux_targets == 0  # no auxiliary head by default
+
+
+def test_auxiliary_read_out_of_the_objects_learns(tmp_path, demos, encoder_dir):
+    m = _train(tmp_path / "policy_aux", demos, encoder_dir, steps=40, distill=0, train_overrides={"aux_weight": 1.0})
+    aux = [h["aux"] for h in m["history"]]  # where the 3 objects and the goal were last seen, from the conditioning
+    assert np.mean(aux[-10:]) < 0.7 * np.mean(aux[:5])
+    model, _ = load_policy(tmp_path / "policy_aux")
+    assert model.cfg.aux_targets == 4
 
 
 def test_rerun_of_a_finished_run_resumes_without_training(slots_policy, demos, encoder_dir):
@@ -392,13 +403,47 @@ def test_dagger_controller_drives_with_the_learner_and_labels_with_the_expert(sl
     want_exec = [learner.act(o, i) for o, i in frames]
     want_label = [expert.act(o, i) for o, i in frames]
     for beta, executed in ((0.0, want_exec), (1.0, want_label)):
-        c = DAggerController(str(slots_policy), beta=beta, task="single")
+        c = DAggerController(str(slots_policy), beta=beta, task="single", labels="step")
         c.reset(*frames[0])
         for (o, i), e, lab in zip(frames, executed, want_label):
             np.testing.assert_array_equal(c.act(o, i), e)
             np.testing.assert_array_equal(c.label, lab)
     with pytest.raises(ValueError, match="beta"):
         DAggerController(str(slots_policy), beta=1.5)
+    c = DAggerController(str(slots_policy))
+    c.reset(*frames[0])
+    with pytest.raises(RuntimeError, match="bind_env"):  # chunk labels look ahead in the env
+        c.act(*frames[0])
+
+
+def test_dagger_chunk_labels_are_what_the_expert_would_drive_from_the_learners_state(slots_policy):
+    """The chunk label of a state the learner reached equals the actions of an expert (that saw the same
+    frames) driving from that state, and labelling leaves the simulator where it was."""
+    from policies.dagger import DAggerController
+    from sim.experts import PushExpert
+
+    env = EgoPushEnv(task="single", level="easy")
+    obs, info = env.reset(seed=1003)
+    c = DAggerController(str(slots_policy), task="single")
+    c.bind_env(env)
+    shadow = PushExpert()  # sees every frame c's expert sees
+    c.reset(obs, info)
+    shadow.reset(obs, info)
+    for _ in range(4):  # the learner drives
+        shadow.act(obs, info)
+        obs, _, _, _, info = env.step(c.act(obs, info))
+    pose, steps = env.robot_pose(), info["step"]
+    c.act(obs, info)
+    chunk = c.label_chunk
+    assert chunk.shape == (15, 2) and np.array_equal(chunk[0], c.label)
+    np.testing.assert_array_equal(env.robot_pose(), pose)  # rewound
+    driven = []
+    for _ in range(15):  # now the shadow expert drives
+        driven.append(shadow.act(obs, info))
+        obs, _, _, _, info = env.step(driven[-1])
+    np.testing.assert_allclose(np.stack(driven), chunk, atol=1e-6)
+    assert info["step"] == steps + 15
+    assert not np.allclose(chunk, chunk[:1])  # a plan, not one action repeated
 
 
 def test_ego_dagger_round_labels_learner_episodes_and_fine_tunes_from_the_learner(slots_policy, demos, tmp_path):
@@ -415,6 +460,7 @@ def test_ego_dagger_round_labels_learner_episodes_and_fine_tunes_from_the_learne
     assert ds.n_episodes == 2 and ds.meta["policy"]["controller"]["checkpoint"] == str(slots_policy)
     ep = ds.episode(0)
     assert len(ep["action"]) == 12 and not np.allclose(ep["action"], ep["executed_action"])  # learner drove
+    assert ep["action_chunk"].shape == (12, 15, 2) and np.array_equal(ep["action_chunk"][:, 0], ep["action"])
     assert r["demo_steps"] == len(load_demos([demos], "cnn").action) + 24  # demos + both rollouts
     policy, config = load_policy(r["policy"])
     assert config["init"] == str(slots_policy) and bool(policy.distilled)
