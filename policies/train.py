@@ -271,10 +271,18 @@ def _resume_state(out: Path, cfg: TrainPolicyConfig, mcfg: PolicyConfig) -> dict
     if not (out / "train_state.pt").exists():
         return None
     config, _, stats = read_checkpoint(out)
-    if config.get("stage") != "policy" or config.get("policy") != policy_config_dict(mcfg):
+    if config.get("stage") != "policy" or _shape_differences(config.get("policy", {}), mcfg):
         raise ValueError(f"{out} holds a different run (policy config differs); pass out=<new dir> or resume=false")
     return {"stats": stats, "metrics": read_json(out / "metrics.json"),
             "train_state": torch.load(out / "train_state.pt", weights_only=False)}
+
+
+def _shape_differences(theirs: dict[str, Any], mcfg: PolicyConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Where a checkpoint's policy config differs from this run's, as "field theirs vs ours"; a field an
+    older checkpoint does not name counts as its default."""
+    ours, default = policy_config_dict(mcfg), policy_config_dict(PolicyConfig())
+    return [f"{k} {theirs.get(k, default[k])!r} vs {ours[k]!r}" for k in sorted(ours)
+            if k not in ignore and theirs.get(k, default[k]) != ours[k]]
 
 
 def _init_state(directory: str, mcfg: PolicyConfig) -> dict[str, Any]:
@@ -283,12 +291,9 @@ def _init_state(directory: str, mcfg: PolicyConfig) -> dict[str, Any]:
     config, weights, stats = read_checkpoint(directory)
     if config.get("stage") != "policy":
         raise ValueError(f"init={directory} is not a policy checkpoint (stage {config.get('stage')!r})")
-    theirs, ours = config.get("policy", {}), policy_config_dict(mcfg)
-    default = policy_config_dict(PolicyConfig())  # fields older checkpoints do not name
-    differ = sorted(k for k in ours if k not in ("sampler",) and theirs.get(k, default[k]) != ours[k])
+    differ = _shape_differences(config.get("policy", {}), mcfg, ignore=("sampler",))
     if differ:
-        raise ValueError(f"init={directory} has another policy shape: " + ", ".join(
-            f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in differ))
+        raise ValueError(f"init={directory} has another policy shape: " + ", ".join(differ))
     return {"weights": weights, "stats": stats}
 
 
