@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--n-action", type=int, default=None,
                         help="actions executed per chunk before re-planning (default: the checkpoint's)")
+    parser.add_argument("--same-noise", action="store_true",
+                        help="sample every chunk of an episode from the same starting noise")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--select", type=int, default=0, help="world-model-guided selection over K chunks")
     parser.add_argument("--predictor", default=None, help="with --select: the predictor checkpoint")
@@ -67,7 +69,7 @@ def main() -> None:
         steps = args.steps or (model.cfg.ddim_steps if sampler == "ddim" else model.cfg.consistency_steps)
         for task, level in suites:
             target = {"_target_": CONTROLLER, "checkpoint": ck, "task": task, "sampler": sampler, "steps": steps,
-                      "n_action": args.n_action}
+                      "n_action": args.n_action, "same_noise": args.same_noise}
             label = kind
             if args.select > 0:
                 target |= {"select": args.select, "predictor": args.predictor}
@@ -76,7 +78,8 @@ def main() -> None:
             r = evaluate(target, task, level, episodes, seed=args.seed, workers=args.workers,
                          max_steps=30 if args.quick else None, video_dir=video_dir, progress=True)
             emit(BENCH, "success_rate", r["success_rate"], "fraction", task=task, level=level, policy=label, select=args.select,
-                 sampler=sampler, steps=steps, n_action=args.n_action or model.cfg.n_action, episodes=episodes, ci95_low=round(r["ci95_low"], 3),
+                 sampler=sampler, steps=steps, n_action=args.n_action or model.cfg.n_action, same_noise=args.same_noise,
+                 episodes=episodes, ci95_low=round(r["ci95_low"], 3),
                  ci95_high=round(r["ci95_high"], 3), mean_length=round(r["mean_length"], 1),
                  failed_seeds=[x["seed"] for x in r["results"] if not x["success"]][:20],
                  trained_on=json.dumps(config.get("data", {}).get("paths", [])), checkpoint=ck,

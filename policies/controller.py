@@ -48,7 +48,7 @@ class DiffusionPolicyController:
     def __init__(self, checkpoint: str | Path, task: str | None = None, level: str | None = None,
                  sampler: str | None = None, steps: int | None = None, n_action: int | None = None,
                  seed: int = 0, device: str = "cpu", threads: int = 1, select: int = 0,
-                 predictor: str | None = None) -> None:
+                 predictor: str | None = None, same_noise: bool = False) -> None:
         from policies.train import load_policy
 
         if threads > 0:
@@ -66,6 +66,11 @@ class DiffusionPolicyController:
         if not 1 <= self.n_action <= cfg.horizon - cfg.n_obs + 1:
             raise ValueError(f"n_action must lie in [1, {cfg.horizon - cfg.n_obs + 1}]; got {self.n_action}")
         self.seed = seed
+        # draw every chunk of an episode from the same starting noise: the chunk is then a function of the
+        # observation alone, so that a bimodal choice (go round the box left or right, or push) does not flip
+        # from one chunk to the next with the noise
+        self.same_noise = same_noise
+        self._episode_seed = 0
         self.encoder = None
         if cfg.obs == "slots":
             from worldmodel.train import load_encoder
@@ -99,6 +104,7 @@ class DiffusionPolicyController:
     def reset(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> None:
         self._check_obs(obs)
         episode_seed = (first_frame_key(obs) + self.seed) % 2**62
+        self._episode_seed = episode_seed
         self._gen.manual_seed(episode_seed)
         torch.manual_seed(episode_seed)  # the encoder's slot initialisation on the first frame
         self._history.clear()
@@ -136,6 +142,8 @@ class DiffusionPolicyController:
     def sample_chunks(self, num_samples: int) -> np.ndarray:
         """(num_samples, horizon, 2) action chunks for the current observation history."""
         obs, state = self.observation()
+        if self.same_noise:
+            self._gen.manual_seed(self._episode_seed)
         chunks = self.policy.predict(obs, state, sampler=self.sampler, steps=self.steps, generator=self._gen,
                                      num_samples=num_samples)
         return chunks.cpu().numpy()

@@ -42,6 +42,7 @@ class EvalConfig:
     sampler: str | None = None  # ddim | consistency; default: the checkpoint's
     steps: int | None = None  # sampler steps; default: the checkpoint's
     n_action: int | None = None  # actions executed per chunk before re-planning; default: the checkpoint's
+    same_noise: bool = False  # sample every chunk of an episode from the same starting noise
     select: int = 0  # world-model-guided selection: sample this many chunks, execute the predictor's best
     predictor: str = ""  # with select > 0: the predictor checkpoint (trained on the policy's encoder)
     videos: str = "failures"  # failures | all | none
@@ -66,6 +67,8 @@ def controller_target(cfg: EvalConfig) -> dict[str, Any]:
         target["steps"] = cfg.steps
     if cfg.n_action:
         target["n_action"] = cfg.n_action
+    if cfg.same_noise:
+        target["same_noise"] = True
     if cfg.select > 0:
         target |= {"select": cfg.select, "predictor": cfg.predictor}
     return target

@@ -355,6 +355,21 @@ def test_ego_eval_passes_n_action_to_the_controller(slots_policy):
     assert "n_action" not in controller_target(EvalConfig(checkpoint=str(slots_policy)))
 
 
+def test_same_noise_draws_every_chunk_of_an_episode_from_one_noise(slots_policy):
+    from policies.evaluate import EvalConfig, controller_target
+
+    frames = _episode_obs(n=1)
+    chunks = {}
+    for same in (False, True):
+        c = DiffusionPolicyController(slots_policy, same_noise=same, sampler="ddim", steps=2)
+        c.reset(*frames[0])
+        c.act(*frames[0])
+        chunks[same] = (c.sample_chunks(1), c.sample_chunks(1))
+    assert not np.allclose(*chunks[False])  # fresh noise: the same observation gives another chunk
+    np.testing.assert_array_equal(*chunks[True])
+    assert controller_target(EvalConfig(checkpoint=str(slots_policy), same_noise=True))["same_noise"] is True
+
+
 def test_ego_eval_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(ValueError, match="not a policy directory"):
         run_eval(checkpoint=str(tmp_path / "nothing"), episodes=1, workers=0)
