@@ -48,8 +48,15 @@ class PipelineDemos:
     only_success: bool = True  # keep successful episodes only (a rerun retries the failed seeds)
 
 
-def _default_suites() -> dict[str, SuiteConfig]:
-    return {"single_easy": SuiteConfig("single", "easy", 100)}
+@dataclass
+class PolicySuiteConfig(SuiteConfig):
+    n_action: int | None = None  # actions executed per chunk before re-planning; None: the policy's (8)
+
+
+def _default_suites() -> dict[str, PolicySuiteConfig]:
+    # the policy as trained (8 of every 16 predicted actions executed), and re-planning every 2 steps
+    return {"single_easy": PolicySuiteConfig("single", "easy", 100),
+            "single_easy_replan2": PolicySuiteConfig("single", "easy", 100, n_action=2)}
 
 
 @dataclass
@@ -70,7 +77,7 @@ class PolicyPipelineConfig:
     predictor: dict[str, Any] = field(default_factory=dict)  # ego-train-wm stage=predictor overrides
     policy: dict[str, Any] = field(default_factory=dict)  # ego-train-policy overrides
     eval_seed: int = 1000
-    suites: dict[str, SuiteConfig] = field(default_factory=_default_suites)
+    suites: dict[str, PolicySuiteConfig] = field(default_factory=_default_suites)
     video_seed: int = 1000
 
 
@@ -112,6 +119,8 @@ def _check(cfg: PolicyPipelineConfig) -> None:
         check_choice(f"suites.{name}.level", s.level, LEVELS)
         if s.task != cfg.task:
             raise ValueError(f"suites.{name} evaluates task {s.task!r}; the policy is trained on {cfg.task!r}")
+        if s.n_action is not None and s.n_action < 1:
+            raise ValueError(f"suites.{name}.n_action must be >= 1 or null (as trained); got {s.n_action}")
 
 
 def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None) -> dict[str, Any]:
@@ -152,7 +161,7 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
     for name, s in cfg.suites.items():
         settings = dict(checkpoint=str(pol_dir), task=s.task, level=s.level, episodes=s.episodes, seed=cfg.eval_seed,
                         workers=cfg.workers, max_steps=cfg.max_steps, out=str(out / "eval" / name),
-                        progress=cfg.progress)
+                        progress=cfg.progress, n_action=s.n_action)
         suites[name] = _timed(out, f"eval_{name}", lambda st=settings, n=name: cached_stage(
             out / "stages" / f"eval_{n}.json", st | stamp, lambda: run_eval(st)))
     video_settings = dict(task=cfg.task, level=cfg.level, episodes=1, seed=cfg.video_seed, max_steps=cfg.max_steps)
@@ -193,11 +202,13 @@ def render_report(cfg: PolicyPipelineConfig, m: dict[str, Any], out: Path) -> st
     lines += ["## Policy success", "",
               f"Slot diffusion policy trained on {m['policy']['demo_episodes']} noisy-expert demonstrations of "
               f"{cfg.task}/{cfg.level} ({m['policy']['demo_steps']} steps); evaluation seeds from {cfg.eval_seed}.", "",
-              "| suite | task | level | episodes | success rate | 95% CI (Wilson) | mean length |",
-              "| --- | --- | --- | ---: | ---: | --- | ---: |"]
+              "| suite | task | level | re-plans every | episodes | success rate | 95% CI (Wilson) | mean length |",
+              "| --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
     for name, r in m["evaluation"].items():
-        lines.append(f"| {name} | {r['task']} | {r['level']} | {r['episodes']} | **{r['success_rate']:.2f}** "
-                     f"| [{r['ci95_low']:.2f}, {r['ci95_high']:.2f}] | {r['mean_length']:.1f} |")
+        n_action = r["controller"].get("n_action")
+        every = f"{n_action} steps" if n_action else "as trained"
+        lines.append(f"| {name} | {r['task']} | {r['level']} | {every} | {r['episodes']} "
+                     f"| **{r['success_rate']:.2f}** | [{r['ci95_low']:.2f}, {r['ci95_high']:.2f}] | {r['mean_length']:.1f} |")
     lines += ["", "## Stages", "", "| stage | wall time (min) | what |", "| --- | ---: | --- |"]
     what = {"demos": f"{m['demos']['dataset_episodes']} demonstrations",
             "encoder": f"{m['encoder']['step']} steps", "predictor": f"{m['predictor']['step']} steps",

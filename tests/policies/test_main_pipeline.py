@@ -26,7 +26,9 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
     assert r["episodes"] == 2 and 0.0 <= r["success_rate"] <= 1.0
     assert m["encoder"]["step"] == 2 and m["predictor"]["step"] == 2 and m["policy"]["diffusion_steps"] == 2
     report = (out / "report.md").read_text()
-    assert "| single_easy | single | easy | 2 |" in report and "profile=tiny" in report
+    assert "| single_easy | single | easy | as trained | 2 |" in report and "profile=tiny" in report
+    assert m["evaluation"]["single_easy_replan2"]["controller"]["n_action"] == 2  # the same policy re-planning
+    assert "| single_easy_replan2 | single | easy | 2 steps | 2 |" in report
     stamp = (out / "policy" / "model.safetensors").stat().st_mtime
     t0 = time.perf_counter()
     again = run_pipeline(cfg)
@@ -39,6 +41,7 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
 def test_yaml_defaults_match_the_dataclass_and_the_cpu_budget():
     cfg = load_config([])
     assert cfg.task == "single" and cfg.suites["single_easy"].episodes == 100
+    assert cfg.suites["single_easy"].n_action is None and cfg.suites["single_easy_replan2"].n_action == 2
     assert cfg.encoder["train"]["time_budget_min"] + cfg.predictor["predictor"]["time_budget_min"] \
         + cfg.policy["train"]["time_budget_min"] * 2 <= 40  # training within the 60-minute main job
 
@@ -46,6 +49,8 @@ def test_yaml_defaults_match_the_dataclass_and_the_cpu_budget():
 def test_bad_options_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="suites.x evaluates task 'formation'"):
         run_pipeline({"out_dir": str(tmp_path), "suites": {"x": {"task": "formation", "level": "easy"}}})
+    with pytest.raises(ValueError, match="suites.x.n_action must be >= 1"):
+        run_pipeline({"out_dir": str(tmp_path), "suites": {"x": {"n_action": 0}}})
     r = subprocess.run([sys.executable, "-m", "policies.pipeline", f"out_dir={tmp_path}", "task=nope"],
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and "task" in r.stderr and "nope" in r.stderr
