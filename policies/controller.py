@@ -66,9 +66,9 @@ class DiffusionPolicyController:
         if not 1 <= self.n_action <= cfg.horizon - cfg.n_obs + 1:
             raise ValueError(f"n_action must lie in [1, {cfg.horizon - cfg.n_obs + 1}]; got {self.n_action}")
         self.seed = seed
-        # draw every chunk of an episode from the same starting noise: the chunk is then a function of the
-        # observation alone, so that a bimodal choice (go round the box left or right, or push) does not flip
-        # from one chunk to the next with the noise
+        # draw every chunk of an episode from the same starting noise, making the chunk a function of the
+        # observation alone (a test of whether noise flips the policy between behaviours: it does not help;
+        # on Single easy, re-planning every 2 steps, 0.40 against 0.72 with fresh noise)
         self.same_noise = same_noise
         self._episode_seed = 0
         self.encoder = None
