@@ -196,12 +196,19 @@ def remembered_positions(ep: dict[str, np.ndarray]) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def cache_key(encoder_dir: str | Path, paths: list[str], seed: int) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION} seed{seed}".encode())
-    h.update(hashlib.sha256((Path(encoder_dir) / "model.safetensors").read_bytes()).digest())
+def datasets_fingerprint(paths: list[str]) -> str:
+    """Which datasets, with which committed episodes: changes when an episode is added to any of them."""
+    h = hashlib.sha256()
     for p in paths:
         h.update(str(Path(p).resolve()).encode())
         h.update((Path(p) / "committed.json").read_bytes() if (Path(p) / "committed.json").exists() else b"")
+    return h.hexdigest()[:16]
+
+
+def cache_key(encoder_dir: str | Path, paths: list[str], seed: int) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION} seed{seed}".encode())
+    h.update(hashlib.sha256((Path(encoder_dir) / "model.safetensors").read_bytes()).digest())
+    h.update(datasets_fingerprint(paths).encode())
     return h.hexdigest()[:16]
 
 

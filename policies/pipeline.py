@@ -42,7 +42,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 @dataclass
 class PipelineDemos:
-    episodes: int = 200
+    episodes: int = 400
     policy: str = "noisy_expert"
     seed: int = 0
     only_success: bool = True  # keep successful episodes only (a rerun retries the failed seeds)

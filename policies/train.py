@@ -30,7 +30,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from policies.data import DemoData, load_demos
+from policies.data import DemoData, datasets_fingerprint, load_demos
 from policies.diffusion import EMA, consistency_distillation_loss
 from policies.policy import DiffusionPolicy, PolicyConfig, config_from_dict, policy_config_dict
 from sim.collect import check_choice, to_config
@@ -140,7 +140,9 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, *, demos:
     torch.manual_seed(tc.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = demos if demos is not None else _load_data(cfg, out, dev)
+    paths = demo_paths(cfg.data, cfg.progress) if demos is None else []
+    data = demos if demos is not None else _load_data(cfg, paths, out, dev)
+    fingerprint = datasets_fingerprint(paths) if paths else None
     mcfg = replace(pc, state_dim=data.state.shape[-1], action_dim=data.action.shape[-1],
                    aux_targets=data.aux.shape[1] if data.aux is not None and tc.aux_weight > 0 else 0)
     if pc.obs == "slots":
@@ -148,7 +150,7 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, *, demos:
     else:
         mcfg = replace(mcfg, image_size=list(data.rgb.shape[1:3]))
 
-    state = _resume_state(out, cfg, mcfg) if cfg.resume else None
+    state = _resume_state(out, mcfg, fingerprint) if cfg.resume else None
     init = _init_state(cfg.init, mcfg) if cfg.init and not state else None
     if state:
         stats = state["stats"]
@@ -156,7 +158,7 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, *, demos:
         stats = init["stats"]
     else:
         stats = demo_stats(data, pc.obs) | {"task": cfg.data.task, "level": cfg.data.level}
-    resolved = _resolved(cfg, mcfg)
+    resolved = _resolved(cfg, mcfg) | {"data_fingerprint": fingerprint}
     model = DiffusionPolicy(mcfg, stats).to(dev)
     if init:
         from worldmodel.checkpoint import load_state_strict
@@ -239,11 +241,10 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, *, demos:
     return metrics
 
 
-def _load_data(cfg: TrainPolicyConfig, out: Path, dev: torch.device) -> DemoData:
-    """The demonstrations (collected first if missing), encoded into slot tokens for the slots policy
-    (the encoder copied into <out>/encoder) or as frames for the CNN."""
+def _load_data(cfg: TrainPolicyConfig, paths: list[str], out: Path, dev: torch.device) -> DemoData:
+    """The demonstrations, encoded into slot tokens for the slots policy (the encoder copied into
+    <out>/encoder) or as frames for the CNN."""
     pc, tc = cfg.policy, cfg.train
-    paths = demo_paths(cfg.data, cfg.progress)
     encoder = None
     if pc.obs == "slots":
         from worldmodel.train import load_encoder
@@ -267,12 +268,16 @@ def _resolved(cfg: TrainPolicyConfig, mcfg: PolicyConfig) -> dict[str, Any]:
     return d
 
 
-def _resume_state(out: Path, cfg: TrainPolicyConfig, mcfg: PolicyConfig) -> dict[str, Any] | None:
+def _resume_state(out: Path, mcfg: PolicyConfig, fingerprint: str | None) -> dict[str, Any] | None:
     if not (out / "train_state.pt").exists():
         return None
     config, _, stats = read_checkpoint(out)
     if config.get("stage") != "policy" or _shape_differences(config.get("policy", {}), mcfg):
         raise ValueError(f"{out} holds a different run (policy config differs); pass out=<new dir> or resume=false")
+    theirs = config.get("data_fingerprint")
+    if theirs and fingerprint and theirs != fingerprint:
+        raise ValueError(f"{out} was trained on other demonstrations (its datasets have changed since); pass "
+                         "out=<new dir>, or delete it to train again")
     return {"stats": stats, "metrics": read_json(out / "metrics.json"),
             "train_state": torch.load(out / "train_state.pt", weights_only=False)}
 

@@ -262,6 +262,22 @@ def test_rerun_of_a_finished_run_resumes_without_training(slots_policy, demos, e
     assert m["diffusion_steps"] == 60 and (slots_policy / "model.safetensors").read_bytes() == before
 
 
+def test_rerun_after_the_demonstrations_changed_refuses_to_resume(demos, encoder_dir, tmp_path):
+    """A finished run would otherwise be taken as done although its datasets gained episodes since."""
+    import shutil
+
+    from sim.collect import collect
+
+    mine = str(tmp_path / "demos.zarr")
+    shutil.copytree(demos, mine)
+    _train(tmp_path / "p", mine, encoder_dir, obs="cnn", steps=2, distill=0)
+    _train(tmp_path / "p", mine, encoder_dir, obs="cnn", steps=2, distill=0)  # unchanged: resumes as finished
+    collect(out=mine, task="single", level="easy", policy="expert", episodes=4, max_steps=30, workers=0,
+            progress=False)  # one episode more
+    with pytest.raises(ValueError, match="trained on other demonstrations"):
+        _train(tmp_path / "p", mine, encoder_dir, obs="cnn", steps=2, distill=0)
+
+
 def _episode_obs(seed: int = 1000, n: int = 6):
     env = EgoPushEnv(task="single", level="easy")
     obs, info = env.reset(seed=seed)
