@@ -208,7 +208,8 @@ def render_report(cfg: PolicyPipelineConfig, m: dict[str, Any], out: Path) -> st
         n_action = r["controller"].get("n_action")
         every = f"{n_action} steps" if n_action else "as trained"
         lines.append(f"| {name} | {r['task']} | {r['level']} | {every} | {r['episodes']} "
-                     f"| **{r['success_rate']:.2f}** | [{r['ci95_low']:.2f}, {r['ci95_high']:.2f}] | {r['mean_length']:.1f} |")
+                     f"| **{r['success_rate']:.2f}** | [{r['ci95_low']:.2f}, {r['ci95_high']:.2f}] "
+                     f"| {r['mean_length']:.1f} |")
     lines += ["", "## Stages", "", "| stage | wall time (min) | what |", "| --- | ---: | --- |"]
     what = {"demos": f"{m['demos']['dataset_episodes']} demonstrations",
             "encoder": f"{m['encoder']['step']} steps", "predictor": f"{m['predictor']['step']} steps",

@@ -200,7 +200,8 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, *, demos:
 
     fit(prog1, p1, opt=opt, params=list(model.parameters()),
         loss_fn=lambda s: model.loss(*batch_at("diffusion", s), aux_weight=tc.aux_weight), save=save_phase1,
-        tag="diffusion", out=out, main=True, world=1, dev=dev, show_progress=cfg.progress, after_step=lambda: ema.update(model), program="ego-train-policy")
+        tag="diffusion", out=out, main=True, world=1, dev=dev, show_progress=cfg.progress,
+        after_step=lambda: ema.update(model), program="ego-train-policy")
 
     if tc.distill_steps > 0:
         teacher = ema.module  # frozen: the DDPM U-Net and the observation encoder

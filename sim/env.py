@@ -290,11 +290,11 @@ class EgoPushEnv(gym.Env):
     # ------------------------------------------------------------------ state access
     def get_state(self) -> dict[str, Any]:
         """Everything `step` depends on, to come back to with `set_state` (e.g. after letting a scripted
-        expert look ahead from here): MuJoCo's integration state (physics, controls, warm start), the episode's counters, odometry
-        drift, reward potential and the env's random generator."""
-        full = mujoco.mjtState.mjSTATE_INTEGRATION
-        physics = np.empty(mujoco.mj_stateSize(self.model, full))
-        mujoco.mj_getState(self.model, self.data, physics, full)
+        expert look ahead from here): MuJoCo's integration state (physics, controls, warm start), the
+        episode's counters, odometry drift, reward potential and the env's random generator."""
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        physics = np.empty(mujoco.mj_stateSize(self.model, spec))
+        mujoco.mj_getState(self.model, self.data, physics, spec)
         return {"physics": physics, "steps": self._steps, "n_clipped": self._n_clipped,
                 "odom_error": self._odom_error.copy(), "prev_potential": self._prev_potential,
                 "rng": copy.deepcopy(self.np_random.bit_generator.state)}
