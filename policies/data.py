@@ -26,6 +26,7 @@ from tqdm import tqdm
 from policies.observation import SlotMemory, frame_tokens, rgbd_image, robot_state
 from sim.collect import STATE_KEYS  # privileged state: read for the auxiliary targets only, never as input
 from sim.dataset import EpisodeDataset
+from sim.geometry import to_local
 
 CACHE_VERSION = 5  # 2: slot memory and the age feature; 3: visible centroids; 4: tracks, colour; 5: hard colour
 FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio")
@@ -188,11 +189,8 @@ def remembered_positions(ep: dict[str, np.ndarray]) -> np.ndarray:
     t = np.arange(len(pos))[:, None]
     last = np.maximum.accumulate(np.where(seen, t, -1), axis=0)  # last step each was seen, -1 if not yet
     held = pos[np.maximum(last, 0), np.arange(pos.shape[1])[None]]
-    x, y, yaw = (ep["robot_pose"][:, i:i + 1].astype(np.float64) for i in range(3))
-    dx, dy = held[..., 0] - x, held[..., 1] - y
-    c, s = np.cos(yaw), np.sin(yaw)
-    known = last >= 0
-    out = np.stack([c * dx + s * dy, -s * dx + c * dy, np.ones_like(dx)], -1) * known[..., None]
+    local = to_local(held, ep["robot_pose"][:, None])  # (T, M, 2), each step in that step's robot frame
+    out = np.concatenate([local, np.ones_like(local[..., :1])], -1) * (last >= 0)[..., None]
     return out.astype(np.float32)
 
 

@@ -42,9 +42,11 @@ def planar_pose_matrix(x: float, y: float, yaw: float) -> np.ndarray:
 
 
 def to_local(points_xy: np.ndarray, pose: np.ndarray) -> np.ndarray:
-    """World (..., 2) points into the frame of a planar pose (x, y, yaw)."""
-    d = np.asarray(points_xy, float) - pose[:2]
-    c, s = np.cos(pose[2]), np.sin(pose[2])
+    """World (..., 2) points into the frame of a planar pose (x, y, yaw): one pose (3,), or poses (..., 3)
+    that broadcast against the points."""
+    pose = np.asarray(pose, float)
+    d = np.asarray(points_xy, float) - pose[..., :2]
+    c, s = np.cos(pose[..., 2]), np.sin(pose[..., 2])
     return np.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], axis=-1)
 
 
