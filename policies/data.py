@@ -122,10 +122,9 @@ def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = No
         raise ValueError(f"kind must be 'slots' or 'cnn'; got {kind!r}")
     if not paths:
         raise ValueError("no demonstration datasets given")
-    with_state = all(set(STATE_KEYS) <= set(EpisodeDataset.open(p).keys) for p in paths)
-    keys = (*FRAME_KEYS, "action", *(STATE_KEYS if with_state else ()))
-    items = list(_read_episodes(paths, keys, optional=("action_chunk",)))
+    items = list(_read_episodes(paths, (*FRAME_KEYS, "action"), optional=(*STATE_KEYS, "action_chunk")))
     episodes = [ep for _, _, ep in items]
+    with_state = all(set(STATE_KEYS) <= ep.keys() for ep in episodes)
     lengths = np.array([len(ep["action"]) for ep in episodes])
     ends = np.cumsum(lengths)
     starts = ends - lengths
