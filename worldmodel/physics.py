@@ -18,8 +18,11 @@ friction decelerates it by about mu g = 5 m/s^2; at the robot's top speed of 0.2
 0.05 s, less than one 0.1 s step). So the prior is not Newton's first law (an untouched slot keeps
 its velocity) but "an untouched slot keeps its position and loses its velocity": the velocity kept
 is scaled by the slot's touch probability, 1 - prod(1 - gate) over the robot and every other slot.
-Accelerations are a gate-weighted sum of pairwise effects (slot j on slot k, robot on slot k),
-bounded by a scaled tanh; the gates are pushed towards 0 by a sparsity penalty, the accelerations
+Contact is local: a gate can only open within reach, where the robot's body or another object
+can touch the slot (`contact_range`, a soft cut-off on the distance between centres; the robot's
+reach is measured from its wheel axle), so an object far from everything keeps its place exactly,
+whatever the network says. Accelerations are a gate-weighted sum of pairwise effects (slot j on
+slot k, robot on slot k), bounded by a scaled tanh; the gates are pushed towards 0 by a sparsity penalty, the accelerations
 towards smooth sequences by a penalty on their change over time.
 
 Shapes: B batch (may fold candidates), K slots, D predictor width.
@@ -39,6 +42,12 @@ SPEED_SCALE = 0.25  # m/s: the robot's top speed (sim.env.ACTION_HIGH[0])
 TURN_SCALE = 2.0 * HEADING_SYMMETRY  # rad/s of phi at the robot's top turn rate
 CAMERA_AHEAD_M = 0.032  # the head camera is this far ahead of the wheel axle (sim/assets/robot.xml)
 PHYS_DIM = 6  # x, y, phi, vx, vy, omega
+# Reach of a contact, between centres: the robot's farthest point (a pusher corner, 0.15 m from the
+# axle) plus a box's half-diagonal (0.085 m), and two boxes' half-diagonals; both with about 9 cm of
+# slack for the slots' position error and the motion within a predictor frame.
+ROBOT_REACH_M = 0.32
+PAIR_REACH_M = 0.26
+REACH_SOFTNESS_M = 0.02  # width of the sigmoid cut-off
 ROBOT_DIM = 6  # x, y, cos yaw, sin yaw, v, omega of the robot's axle
 
 
@@ -81,10 +90,13 @@ class PhysicalProbe(nn.Module):
     """Slot features (encoder slot vector + geometry: centre x, y, z, view direction dx, dy) -> planar
     position and heading. The position is the encoder's centre estimate moved by a learned offset
     (zero at initialisation, so an untrained probe reads the encoder's own estimate); the heading is
-    a unit vector (cos phi, sin phi), phi = HEADING_SYMMETRY x yaw."""
+    a unit vector (cos phi, sin phi), phi = HEADING_SYMMETRY x yaw. With `offset` False the position
+    is the encoder's centre estimate as it is (the encoder's `CenterHead` is itself trained on the
+    objects' positions) and only the heading is learned."""
 
-    def __init__(self, feature_dim: int, hidden: int = 128) -> None:
+    def __init__(self, feature_dim: int, hidden: int = 128, offset: bool = True) -> None:
         super().__init__()
+        self.offset = offset
         self.net = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 4))
         nn.init.zeros_(self.net[-1].weight)
@@ -93,7 +105,7 @@ class PhysicalProbe(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """(..., S + 5) -> position (..., 2) metres, heading unit vector (..., 2)."""
         out = self.net(features)
-        pos = features[..., -5:-3] + out[..., :2]
+        pos = features[..., -5:-3] + out[..., :2] if self.offset else features[..., -5:-3]
         heading = out[..., 2:] + torch.tensor([1e-3, 0.0], device=out.device, dtype=out.dtype)  # never exactly 0
         return pos, F.normalize(heading, dim=-1)
 
@@ -148,12 +160,16 @@ class InteractionDynamics(nn.Module):
     robot's frame, and the robot's command). Effects are given in the frame of the interaction (along
     and across the line from j to k; the robot's forward and left) and rotated to the world, so the
     same push gives the same result wherever it happens. With `gates` off, every gate is 1.
+    `contact_range` (robot reach, pair reach in metres; None = no cut-off) multiplies each gate by
+    sigmoid((reach - distance) / REACH_SOFTNESS_M): out of reach, nothing acts.
     """
 
     def __init__(self, dim: int, hidden: int, dt: float, *, gates: bool = True, quasi_static: bool = True,
-                 accel_max: tuple[float, float] = (2.0, 40.0)) -> None:
+                 accel_max: tuple[float, float] = (2.0, 40.0),
+                 contact_range: tuple[float, float] | None = (ROBOT_REACH_M, PAIR_REACH_M)) -> None:
         super().__init__()
         self.dt, self.gates, self.quasi_static = dt, gates, quasi_static
+        self.contact_range = contact_range
         self.accel_max = accel_max
         self.pair_k = nn.Linear(dim, hidden)
         self.pair_j = nn.Linear(dim, hidden, bias=False)
@@ -186,6 +202,8 @@ class InteractionDynamics(nn.Module):
         out = self.pair_out(z)  # (B, K, K, 4): gate logit, along, across, angular
         eye = torch.eye(k, dtype=torch.bool, device=h.device)
         gate = torch.sigmoid(out[..., 0]) if self.gates else torch.ones_like(out[..., 0])
+        if self.contact_range is not None:
+            gate = gate * torch.sigmoid((self.contact_range[1] - dist[..., 0]) / REACH_SOFTNESS_M)
         gate = gate.masked_fill(eye, 0.0)
         # an effect "along" pushes k away from j (negative u), like a contact force
         pair_acc = torch.cat([-out[..., 1:2] * u + out[..., 2:3] * u_perp, out[..., 3:4]], -1)
@@ -201,6 +219,8 @@ class InteractionDynamics(nn.Module):
                             vel.norm(dim=-1) / SPEED_SCALE], -1)
         rout = self.robot_out(self.robot_slot(h) + self.robot_geo(rgeo))
         rgate = torch.sigmoid(rout[..., 0]) if self.gates else torch.ones_like(rout[..., 0])
+        if self.contact_range is not None:
+            rgate = rgate * torch.sigmoid((self.contact_range[0] - rel.norm(dim=-1)) / REACH_SOFTNESS_M)
         r_lin = rout[..., 1:2] * torch.stack([c, s], -1) + rout[..., 2:3] * torch.stack([-s, c], -1)
         acc = acc + rgate.unsqueeze(-1) * torch.cat([r_lin, rout[..., 3:4]], -1)
         return acc, gate, rgate

@@ -116,12 +116,52 @@ def test_untouched_slots_keep_position_and_lose_velocity():
     torch.testing.assert_close(new[..., :2], phys[..., :2] + 0.2 * phys[..., 3:5])
     torch.testing.assert_close(new[..., 3:], phys[..., 3:])
     # the bound: accelerations never exceed accel_max, whatever the heads say
-    bounded = InteractionDynamics(16, 8, dt=0.2, accel_max=(1.5, 10.0))
+    bounded = InteractionDynamics(16, 8, dt=0.2, accel_max=(1.5, 10.0), contact_range=None)
     with torch.no_grad():
         bounded.robot_out[-1].bias[:] = torch.tensor([10.0, 1e3, -1e3, 1e4])
     _, info = bounded(phys, h, robot)
     assert info["acc"][..., :2].abs().max() <= 1.5 + 1e-5 and info["acc"][..., 2].abs().max() <= 10.0 + 1e-4
     assert info["acc"][..., :2].abs().max() > 1.4
+
+
+def test_contact_reach_closes_the_gates_of_far_slots():
+    """Whatever the gate heads say, a slot out of every contact's reach keeps its place; in reach it moves."""
+    torch.manual_seed(0)
+    dyn = InteractionDynamics(16, 8, dt=0.2, contact_range=(0.32, 0.26))
+    with torch.no_grad():
+        for head in (dyn.pair_out, dyn.robot_out):
+            head[-1].weight.zero_()
+            head[-1].bias[:] = torch.tensor([30.0, 1.0, 0.5, 0.3])  # every gate wide open, a strong effect
+    robot = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.2, 0.0]])  # at the origin facing +x, driving
+    # slot 0 just ahead of the pusher, slot 1 beside it (in reach of slot 0), slot 2 far from everything
+    phys = torch.tensor([[[0.2, 0.0, 0.0, 0.0, 0.0, 0.0], [0.2, 0.15, 0.0, 0.0, 0.0, 0.0],
+                          [0.9, -0.8, 0.0, 0.0, 0.0, 0.0]]])
+    new, info = dyn(phys, torch.randn(1, 3, 16), robot)
+    assert info["robot_gate"][0, 0] > 0.99 and info["robot_gate"][0, 2] < 1e-9
+    assert info["gate"][0, 0, 1] > 0.9 and info["gate"][0, 2].max() < 1e-9 and info["gate"][0, :, 2].max() < 1e-9
+    assert (new[0, 0, :2] - phys[0, 0, :2]).norm() > 1e-3 and (new[0, 1, :2] - phys[0, 1, :2]).norm() > 1e-3
+    torch.testing.assert_close(new[0, 2], phys[0, 2], atol=1e-8, rtol=0)
+    # without the cut-off the far slot is pushed too
+    free = InteractionDynamics(16, 8, dt=0.2, contact_range=None)
+    free.load_state_dict(dyn.state_dict())
+    new, _ = free(phys, torch.randn(1, 3, 16), robot)
+    assert (new[0, 2, :2] - phys[0, 2, :2]).norm() > 1e-3
+
+
+def test_probe_position_is_the_encoder_centre_without_offset():
+    from worldmodel.physics import PhysicalProbe
+
+    feats = torch.randn(5, 3, 17)
+    probe = PhysicalProbe(17, offset=False)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.normal_()
+    pos, heading = probe(feats)
+    torch.testing.assert_close(pos, feats[..., -5:-3])
+    torch.testing.assert_close(heading.norm(dim=-1), torch.ones(5, 3))
+    learned = PhysicalProbe(17, offset=True)
+    learned.load_state_dict(probe.state_dict())
+    assert not torch.allclose(learned(feats)[0], feats[..., -5:-3])
 
 
 def test_robot_kinematics_hand_computed():
