@@ -1,92 +1,195 @@
-"""World-model predictor figures on held-out episodes (issue: world model part 2). First part: open-loop
-prediction error of object positions.
+"""World-model predictor figures on held-out episodes (issue: world model part 2).
 
-    python benchmarks/wm_predictor.py --checkpoint runs/wm_predictor [--quick]
+    python benchmarks/wm_predictor.py [--checkpoint DIR [DIR ...]] [--quick]
+        [--counterfactual-seeds N] [--planning-episodes N] [--planner KEY=VALUE ...]
 
-For each held-out segment (the encoder's held-out episodes, seeds from 100 000), the predictor gets
-`history` frames of encoder features and rolls the recorded commands out open loop; each object is
-followed in the slot the encoder gave it (masks against the simulator's segmentation, Hungarian
-over the segment), and its predicted planar position is compared with the simulator's. Metric
-`pos_err_m` (median over objects seen at the last history frame) with field `horizon` in env
-steps (0.1 s each); the predictor's frame is `frameskip` steps, so the shortest horizon is one
-frame. Field `baseline_err_m`: the same objects predicted to stay where the slot's own centre
-estimate put them at the last history frame (a model that knows nothing of motion).
+With no checkpoint it trains the default encoder (`ego-train-wm stage=encoder`, collecting its data)
+into runs/wm_encoder and the default predictor on it into runs/wm_predictor, where they are missing,
+then measures. Several checkpoints (an ablation) are measured on the same held-out segments; each
+figure carries field `variant` (from the checkpoint's config: full, no_masking, no_physics, ...).
 
-Not measured here yet (the issue's other figures): counterfactual_err_m, planning_success_rate,
-planning_s_per_replan and the ablation table. Without --checkpoint this script does not train:
-`ego-train-wm stage=predictor encoder=DIR` first.
+- `pos_err_m`, field `horizon` (env steps, 0.1 s each): for each held-out segment (the encoder's
+  held-out episodes, seeds from 100 000) the predictor gets `history` frames of encoder features and
+  rolls the recorded commands out open loop; each object seen at the last history frame is followed
+  in the slot the encoder gave it (masks against the simulator's segmentation, Hungarian over the
+  segment). Median over objects; `baseline_err_m`: the same objects predicted to stay where the
+  slot's centre estimate put them (a model that knows nothing of motion).
+- `counterfactual_err_m`, fields `intervention` (factual, move, swap) and `horizon`: EgoPush-Single
+  scenes where the expert is about to push the box, changed in the simulator before the same
+  commands are replayed in the simulator and in the model (`worldmodel.counterfactual`); the error
+  is on the changed objects.
+- `planning_success_rate` (Single easy, seeds from 1000, Wilson interval) and
+  `planning_s_per_replan` (median wall time of a replan, one thread, the first evaluation episodes
+  run in this process) of the `LatentPlanner` on the first checkpoint; `--planning-episodes 0`
+  skips them.
+
+--quick: tiny models and data, 2 episodes: proves the path works, not the targets.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from _common import emit, machine  # first: puts the repository on the import path
 
 BENCH = "wm_predictor"
+TARGETS = {("pos_err_m", 10): 0.03, ("pos_err_m", 30): 0.08}
+
+
+def variant_name(cfg) -> str:
+    """The ablation a predictor config is: full, or what it leaves out."""
+    off = [name for name, on in (("masking", cfg.masking), ("physics", cfg.physics), ("contact", cfg.contact))
+           if not on]
+    return "full" if not off else "no_" + "_no_".join(off)
+
+
+def default_checkpoints(quick: bool) -> list[str]:
+    """Train what is missing: the encoder, then the predictor on it."""
+    from worldmodel.train import train
+
+    if quick:
+        enc, pred = "runs/wm_encoder_quick", "runs/wm_predictor_quick"
+        data = {"root": "data/wm_quick", "sources": [{"task": "formation", "level": "hard", "policy": "random",
+                                                      "episodes": 4, "max_steps": 40}]}
+        if not (Path(enc) / "model.safetensors").exists():
+            train(out=enc, progress=False, data=data, train={"steps": 20, "log_every": 5, "ckpt_every": 10},
+                  model={"layers": 2, "dim": 64, "slot_dim": 64, "decoder_hidden": 64})
+        if not (Path(pred) / "model.safetensors").exists():
+            train(stage="predictor", out=pred, encoder=enc, progress=False, data=data,
+                  predictor={"steps": 20, "log_every": 5, "ckpt_every": 10, "batch_size": 4,
+                             "model": {"dim": 32, "layers": 1, "heads": 2}})
+        return [pred]
+    enc, pred = "runs/wm_encoder", "runs/wm_predictor"
+    if not (Path(enc) / "model.safetensors").exists():
+        train(out=enc)
+    if not (Path(pred) / "model.safetensors").exists():
+        train(stage="predictor", out=pred, encoder=enc)
+    return [pred]
+
+
+def parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--planner takes KEY=VALUE pairs (PlannerConfig fields); got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="predictor checkpoint directory")
-    parser.add_argument("--quick", action="store_true", help="smoke run on 2 episodes")
+    parser.add_argument("--checkpoint", nargs="+", default=None, help="predictor checkpoint directories")
+    parser.add_argument("--quick", action="store_true", help="tiny models, 2 episodes")
     parser.add_argument("--horizons", type=int, nargs="+", default=[2, 10, 30], help="env steps")
     parser.add_argument("--eval-root", default="data/wm_eval")
     parser.add_argument("--min-pixels", type=int, default=20)
+    parser.add_argument("--counterfactual-seeds", type=int, default=300,
+                        help="scenes tried (seeds from 300 000); about 1 in 3 has the expert pushing from view")
+    parser.add_argument("--planning-episodes", type=int, default=50)
+    parser.add_argument("--planning-workers", type=int, default=2)
+    parser.add_argument("--planner", nargs="*", default=[], help="PlannerConfig overrides, e.g. samples=64")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["open_loop", "counterfactual", "planning"])
     args = parser.parse_args()
 
     import numpy as np
     import torch
 
+    from sim.evaluate import evaluate
+    from worldmodel.counterfactual import encode_counterfactuals, record_counterfactuals, rollout_errors
     from worldmodel.evaluate import collect_eval_data, default_eval_sources
     from worldmodel.train import load_encoder
     from worldmodel.train_predictor import encode_segments, load_predictor
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, config = load_predictor(args.checkpoint, with_config=True)
-    cfg = model.cfg
-    fs, th = cfg.frameskip, cfg.history
-    horizons = sorted({max(fs, -(-h // fs) * fs) for h in args.horizons})  # whole predictor frames
-    frames_out = horizons[-1] // fs
-    hist_span = (th - 1) * fs
-    seg_len = hist_span + horizons[-1] + 1
-    encoder_dir = config.get("encoder")
-    encoder = load_encoder(encoder_dir)
-    paths = collect_eval_data(args.eval_root, default_eval_sources(args.quick))
-    cache = encode_segments(encoder, paths, seg_len, batch=8, seed=0, device=torch.device("cpu"), progress=False)
+    checkpoints = args.checkpoint or default_checkpoints(args.quick)
+    quick = args.quick
+    cf_seeds = 12 if quick else args.counterfactual_seeds
+    env = machine() | {"torch": torch.__version__, "quick": quick}
+    planner_kw = parse_overrides(args.planner)
 
-    g = len(cache["features"])
-    hist_steps = np.arange(th) * fs  # (Th,)
-    last = hist_steps[-1]
-    feats = torch.from_numpy(cache["features"][:, hist_steps])
-    cam = torch.from_numpy(cache["cam_pose"][:, hist_steps])
-    proprio = torch.from_numpy(cache["proprio"][:, hist_steps]) if "proprio" in cache else None
-    acts = cache["actions"]
-    past = np.stack([acts[:, hist_steps[t] - fs + np.arange(fs)] for t in range(1, th)], 1)  # (G, Th-1, s, 2)
-    future = torch.from_numpy(np.ascontiguousarray(acts[:, last:last + frames_out * fs]))[:, None]  # (G, 1, L, 2)
-    with torch.no_grad():
-        roll = model.rollout(feats, future, cam_pose=cam, proprio=proprio,
-                             past_actions=torch.from_numpy(np.ascontiguousarray(past)))
-    pred = roll.positions[:, 0].numpy()  # (G, H, K, 2)
-    still = cache["features"][:, last, :, -5:-3]  # the slot's centre estimate at the last history frame
-    env = machine() | {"torch": torch.__version__, "quick": args.quick, "checkpoint": str(Path(args.checkpoint)),
-                       "encoder": str(encoder_dir), "segments": g, "history_frames": th, "frameskip": fs}
-    for h in horizons:
-        f = h // fs - 1
-        err, base = [], []
-        for s in range(g):
-            for k, o in enumerate(cache["slot_object"][s]):
-                if o < 0 or cache["object_pixels"][s, last, o] < args.min_pixels:
-                    continue
-                true = cache["object_poses"][s, last + h, o, :2]
-                if not np.isfinite(true).all():
-                    continue
-                err.append(np.linalg.norm(pred[s, f, k] - true))
-                base.append(np.linalg.norm(still[s, k] - true))
-        emit(BENCH, "pos_err_m", float(np.median(err)) if err else None, "m", horizon=h, variant="full",
-             mean_err_m=float(np.mean(err)) if err else None, baseline_err_m=float(np.median(base)) if base else None,
-             objects=len(err), target={10: 0.03, 30: 0.08}.get(h), **env)
+    open_cache: dict[str, dict] = {}  # per encoder
+    cf_cache: dict[str, dict] = {}
+    record = None
+    for ckpt_i, ckpt in enumerate(checkpoints):
+        model, config = load_predictor(ckpt, with_config=True)
+        cfg = model.cfg
+        fs, th = cfg.frameskip, cfg.history
+        horizons = sorted({max(fs, -(-h // fs) * fs) for h in args.horizons})  # whole predictor frames
+        seg_len = (th - 1) * fs + horizons[-1] + 1
+        encoder_dir = str(config.get("encoder"))
+        common = env | {"variant": variant_name(cfg), "checkpoint": str(Path(ckpt)), "encoder": encoder_dir,
+                        "history_frames": th, "frameskip": fs}
+
+        if "open_loop" not in args.skip:
+            if encoder_dir not in open_cache:
+                paths = collect_eval_data(args.eval_root, default_eval_sources(quick))
+                open_cache[encoder_dir] = encode_segments(load_encoder(encoder_dir), paths, seg_len, batch=8, seed=0,
+                                                          device=torch.device("cpu"), progress=False)
+            cache = open_cache[encoder_dir]
+            errs = rollout_errors(model, cache, horizons, args.min_pixels)
+            for h in horizons:
+                e, b = errs.model[h], errs.still[h]
+                emit(BENCH, "pos_err_m", float(np.median(e)) if len(e) else None, "m", horizon=h,
+                     mean_err_m=float(np.mean(e)) if len(e) else None,
+                     baseline_err_m=float(np.median(b)) if len(b) else None, objects=len(e),
+                     segments=len(cache["features"]), target=TARGETS.get(("pos_err_m", h)), **common)
+
+        if "counterfactual" not in args.skip:
+            steps = (th - 1) * fs + horizons[-1]
+            if record is None:
+                record = record_counterfactuals(list(range(300_000, 300_000 + cf_seeds)), steps, (th - 1) * fs)
+            if encoder_dir not in cf_cache:
+                cf_cache[encoder_dir] = encode_counterfactuals(load_encoder(encoder_dir), record)
+            for name, cache in cf_cache[encoder_dir].items():
+                errs = rollout_errors(model, cache, horizons, args.min_pixels, objects=record["changed"][name])
+                for h in horizons:
+                    e, b = errs.model[h], errs.still[h]
+                    emit(BENCH, "counterfactual_err_m", float(np.median(e)) if len(e) else None, "m", horizon=h,
+                         intervention=name, mean_err_m=float(np.mean(e)) if len(e) else None,
+                         baseline_err_m=float(np.median(b)) if len(b) else None, objects=len(e),
+                         scenes=len(record["seeds"]), scenes_tried=cf_seeds, **common)
+
+        if "planning" not in args.skip and ckpt_i == 0 and args.planning_episodes > 0:
+            episodes = 2 if quick else args.planning_episodes
+            target = {"_target_": "worldmodel.planner.make_latent_planner", "predictor": str(ckpt), "threads": 1,
+                      **planner_kw}
+            res = evaluate(target, "single", "easy", episodes=episodes, seed=1000, workers=args.planning_workers,
+                           max_steps=30 if quick else None, progress=False)
+            emit(BENCH, "planning_success_rate", res["success_rate"], "fraction", ci95=[res["ci95_low"],
+                 res["ci95_high"]], episodes=episodes, mean_length=res["mean_length"], wall_s=res["wall_s"],
+                 target=0.80, planner=planner_kw, **common)
+            emit(BENCH, "planning_s_per_replan", replan_seconds(ckpt, planner_kw, 10 if quick else 60), "s",
+                 threads=1, target=0.5, planner=planner_kw, **common)
+
+
+def replan_seconds(ckpt: str, planner_kw: dict, steps: int) -> float:
+    """Median wall time of a replan over the first `steps` steps of Single easy seed 1000, one thread."""
+    import numpy as np
+    import torch
+
+    from sim.env import EgoPushEnv
+    from worldmodel.planner import make_latent_planner
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ctrl = make_latent_planner(ckpt, **planner_kw)
+        env = EgoPushEnv(task="single", level="easy", image_size=64)
+        obs, info = env.reset(seed=1000)
+        ctrl.reset(obs, info)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            obs, _, term, trunc, info = env.step(ctrl.act(obs, info))
+            if term or trunc:
+                break
+        env.close()
+        return float(np.median(ctrl.replan_seconds)) if ctrl.replan_seconds else time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -308,6 +308,24 @@ class EgoPushEnv(gym.Env):
         self._prev_potential = state["prev_potential"]
         self.np_random.bit_generator.state = copy.deepcopy(state["rng"])
 
+    def place_object(self, index: int, x: float, y: float, yaw: float | None = None) -> tuple[dict, dict]:
+        """Intervene on the scene: put object `index` (of info["object_names"]) at rest at (x, y), its yaw
+        kept unless given, and return the observation and info as seen now (for counterfactual
+        experiments: the episode then goes on from the changed scene). Formation goals follow the anchor."""
+        if not 0 <= index < len(self.objects):
+            raise ValueError(f"object index must be in [0, {len(self.objects)}); got {index}")
+        if not (np.isfinite(x) and np.isfinite(y) and abs(x) < ARENA_HALF and abs(y) < ARENA_HALF):
+            raise ValueError(f"(x, y) must be finite and inside the arena (|x|, |y| < {ARENA_HALF} m); got ({x}, {y})")
+        name = self.objects[index]
+        self._set_free_pose(name, x, y, self.object_poses()[index, 2] if yaw is None else yaw)
+        mujoco.mj_forward(self.model, self.data)
+        self._update_markers()
+        mujoco.mj_forward(self.model, self.data)
+        poses = self.object_poses()
+        errors = self.goal_errors(poses)
+        self._prev_potential = self._potential(errors, poses)
+        return self._observation(), self._info(poses, errors, success=bool(np.all(errors < self.tolerance)))
+
     def robot_pose(self) -> np.ndarray:
         """True planar pose (x, y, yaw) of the robot's axle centre."""
         q = self.data.qpos[self._robot_qadr : self._robot_qadr + 7]

@@ -14,6 +14,7 @@ of chosen objects; cost on the slots' probed positions).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,6 +278,7 @@ class LatentPlanner:
         self.queue: list[np.ndarray] = []
         self.warm: Tensor | None = None
         self.last_plan: PlanResult | None = None
+        self.replan_seconds: list[float] = []  # wall time of each replan of this episode
 
     # -- goals ---------------------------------------------------------------------
 
@@ -378,7 +380,9 @@ class LatentPlanner:
                                        proprio=hist["proprio"], past_actions=hist.get("past_actions"))
             return Rollout(states=r.states[0], robot=r.robot[0], slot_dim=r.slot_dim)
 
+        t0 = time.perf_counter()
         result = self.planner.plan(rollout_fn, self.cost, self.warm)
+        self.replan_seconds.append(time.perf_counter() - t0)
         self.last_plan = result
         ex = cfg.execute
         self.warm = torch.cat([result.actions[ex:], result.actions[-1:].expand(ex, -1)], 0)
@@ -387,10 +391,12 @@ class LatentPlanner:
 
 
 def make_latent_planner(predictor: str | None = None, encoder: str | None = None, goal: str = "state",
-                        device: str = "cpu", checkpoint: str | None = None, **planner: Any) -> LatentPlanner:
+                        device: str = "cpu", checkpoint: str | None = None, threads: int = 0,
+                        **planner: Any) -> LatentPlanner:
     """A `LatentPlanner` from checkpoint directories (a Hydra `_target_` for sim's evaluation and viewer);
     the encoder defaults to the one the predictor was trained on. `checkpoint` is another name for
-    `predictor` (the key `ego-view` checks for existence before building a controller)."""
+    `predictor` (the key `ego-view` checks for existence before building a controller). `threads` > 0
+    sets torch's threads (one per evaluation worker)."""
     from pathlib import Path
 
     from worldmodel.train import load_encoder
@@ -401,6 +407,8 @@ def make_latent_planner(predictor: str | None = None, encoder: str | None = None
     predictor = predictor if predictor is not None else checkpoint
     if predictor is None:
         raise ValueError("make_latent_planner needs the predictor checkpoint directory (predictor=... or checkpoint=...)")
+    if threads > 0:
+        torch.set_num_threads(threads)
     model, config = load_predictor(predictor, device, with_config=True)
     encoder = encoder or config.get("encoder")
     if not encoder or not Path(encoder).exists():

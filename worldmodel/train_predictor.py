@@ -100,27 +100,49 @@ def segment_starts(starts: np.ndarray, ends: np.ndarray, length: int) -> np.ndar
 @torch.no_grad()
 def encode_segments(encoder: torch.nn.Module, paths: list[str], segment_len: int, batch: int, seed: int,
                     device: torch.device, progress: bool = True) -> dict[str, np.ndarray]:
-    """Encode every segment: features (G, L, K, S + 5) and the per-step arrays the predictor trains on.
-    Objects are matched to slots per segment by the encoder's masks against the segmentation
-    (Hungarian on the segment's summed log-likelihood, as the encoder's training matched them)."""
+    """Encode every segment: features (G, L, K, S + 5) and the per-step arrays the predictor trains on
+    (see `encode_clip_arrays`)."""
     from worldmodel.data import FRAME_KEYS, Clips
-    from worldmodel.objectives import match_objects_to_slots, object_onehot
 
     clips = Clips.load(paths, need=(*FRAME_KEYS, "segmentation", "object_poses"))
     starts = segment_starts(clips.starts, clips.ends, segment_len)
     if len(starts) == 0:
         raise ValueError(f"no episode is at least predictor.segment_len={segment_len} steps long")
-    n_obj = clips.arrays["object_poses"].shape[1]
+    idx = starts[:, None] + np.arange(segment_len)[None]
+    actions = clips.arrays.get("executed_action", clips.arrays.get("action"))
+    if actions is None:
+        raise ValueError("the datasets have no actions")
+    per_step = {"actions": actions, "cam_pose": clips.arrays["cam_pose"], "object_poses": clips.arrays["object_poses"]}
+    if "proprio" in clips.arrays:
+        per_step["proprio"] = clips.arrays["proprio"]
+    return encode_clip_arrays(encoder, lambda i, j: clips.batch(starts[i:j], segment_len, device=device), len(starts),
+                              {k: v[idx] for k, v in per_step.items()}, batch, seed, progress)
+
+
+@torch.no_grad()
+def encode_clip_arrays(encoder: torch.nn.Module, frames: Any, n_clips: int, per_step: dict[str, np.ndarray],
+                       batch: int, seed: int, progress: bool = False) -> dict[str, np.ndarray]:
+    """The predictor's cache of G clips of L steps: features (G, L, K, S + 5) from the encoder, each
+    clip encoded from its first frame; slot_object (G, K) (-1 = none); object_pixels (G, L, O); and
+    per_step's actions (the command taken at each step), cam_pose, object_poses, proprio (G, L, ...).
+    Objects are matched to slots per clip by the encoder's masks against the segmentation
+    (Hungarian on the clip's summed log-likelihood, as the encoder's training matched them).
+    frames(i, j): clips i..j-1 as tensors rgb, depth, intrinsics, cam_pose, segmentation (B, L, ...)."""
+    from sim.env import ACTION_HIGH, ACTION_LOW
+    from worldmodel.objectives import match_objects_to_slots, object_onehot
+
+    n_obj = per_step["object_poses"].shape[2]
     k = encoder.cfg.num_slots
     feats, slot_object, pixels = [], [], []
-    torch.manual_seed(seed)  # the slots' random initialisation on each segment's first frame
-    for i in tqdm(range(0, len(starts), batch), desc="encoding slots", unit="batch", disable=not progress,
+    torch.manual_seed(seed)  # the slots' random initialisation on each clip's first frame
+    for i in tqdm(range(0, n_clips, batch), desc="encoding slots", unit="batch", disable=not progress,
                   dynamic_ncols=True):
-        b = clips.batch(starts[i:i + batch], segment_len, device=device)
+        b = frames(i, min(i + batch, n_clips))
         out = encoder(b["rgb"], b["depth"], b["intrinsics"], b["cam_pose"])
         feats.append(out.features.float().cpu().numpy())
         onehot = object_onehot(b["segmentation"])  # (B, L, O', H, W), O' from the largest id present
-        pix = np.zeros((len(onehot), segment_len, n_obj), np.int32)
+        length = onehot.shape[1]
+        pix = np.zeros((len(onehot), length, n_obj), np.int32)
         o = min(onehot.shape[2], n_obj)
         pix[:, :, :o] = onehot[:, :, :o].sum((-1, -2)).cpu().numpy()
         pixels.append(pix)
@@ -130,19 +152,13 @@ def encode_segments(encoder: torch.nn.Module, paths: list[str], segment_len: int
                 keep = objs < n_obj  # goal markers (sim.env.GOAL_SEG_ID) have no pose: no probe target
                 so[j, slots[keep]] = objs[keep]
         slot_object.append(so)
-    idx = starts[:, None] + np.arange(segment_len)[None]
-    actions = clips.arrays.get("executed_action", clips.arrays.get("action"))
-    if actions is None:
-        raise ValueError("the datasets have no actions")
-    from sim.env import ACTION_HIGH, ACTION_LOW
-
     cache = {"features": np.concatenate(feats), "slot_object": np.concatenate(slot_object),
              "object_pixels": np.minimum(np.concatenate(pixels), 32767).astype(np.int16),
-             "actions": np.clip(actions[idx], ACTION_LOW, ACTION_HIGH).astype(np.float32),
-             "cam_pose": clips.arrays["cam_pose"][idx].astype(np.float32),
-             "object_poses": clips.arrays["object_poses"][idx].astype(np.float32)}
-    if "proprio" in clips.arrays:
-        cache["proprio"] = clips.arrays["proprio"][idx].astype(np.float32)
+             "actions": np.clip(per_step["actions"], ACTION_LOW, ACTION_HIGH).astype(np.float32),
+             "cam_pose": per_step["cam_pose"].astype(np.float32),
+             "object_poses": per_step["object_poses"].astype(np.float32)}
+    if "proprio" in per_step:
+        cache["proprio"] = per_step["proprio"].astype(np.float32)
     return cache
 
 

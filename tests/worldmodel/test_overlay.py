@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -19,37 +18,11 @@ import torch
 from sim.collect import env_kwargs
 from sim.env import EgoPushEnv
 from sim.overlays import planned_actions
-from worldmodel.checkpoint import save_checkpoint
-from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, default_stats
 from worldmodel.overlay import PredictionOverlay
 from worldmodel.planner import make_latent_planner
-from worldmodel.predictor import CausalJEPAPredictor, PredictorConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SLOTS, SLOT_DIM = 4, 16
-
-
-@pytest.fixture(scope="module")
-def world_model(tmp_path_factory) -> tuple[Path, Path]:
-    """(encoder dir, predictor dir): tiny random checkpoints in the `ego-train-wm` layouts; the predictor's
-    config records its encoder, and its interaction heads get weights so that objects move."""
-    root = tmp_path_factory.mktemp("wm_overlay")
-    torch.manual_seed(0)
-    ecfg = EncoderConfig(dim=32, layers=1, heads=2, slot_dim=SLOT_DIM, decoder_hidden=32, num_slots=SLOTS,
-                         pixel_embed=0)
-    enc = root / "wm_encoder"
-    save_checkpoint(enc, ObjectCentricEncoder(ecfg), {"stage": "encoder", "model": asdict(ecfg)}, default_stats(), {})
-    pcfg = PredictorConfig(slot_dim=SLOT_DIM, num_slots=SLOTS, history=3, future=2, frameskip=2, dim=32, layers=1,
-                           heads=2, interaction_hidden=16)
-    model = CausalJEPAPredictor(pcfg)
-    with torch.no_grad():  # the interaction heads start at zero (nothing moves)
-        for p in model.dynamics.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    pred = root / "wm_predictor"
-    stats = {"slot_mean": [0.0] * SLOT_DIM, "slot_std": [1.0] * SLOT_DIM, "encoder": str(enc)}
-    save_checkpoint(pred, model, {"stage": "predictor", "encoder": str(enc), "predictor": {"model": asdict(pcfg)}},
-                    stats, {})
-    return enc, pred
+SLOTS, SLOT_DIM = 4, 16  # the `world_model` fixture's (conftest.py)
 
 
 def test_prediction_overlay_forecasts_tracks_under_the_planned_actions(world_model):
