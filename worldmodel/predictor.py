@@ -188,16 +188,28 @@ class CausalBlock(nn.Module):
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
 
-    def forward(self, x: Tensor, frames: int) -> Tensor:
-        """x (B, T*n, D) -> (B, T*n, D)."""
+    def forward(self, x: Tensor, frames: int, past: tuple[Tensor, Tensor] | None = None, repeat: int = 1
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, T*n, D) -> (B, T*n, D), and this layer's keys and values (B, H, T*n, d).
+
+        past: keys and values (B', H, P, d) of P earlier tokens (whole frames) that every token of x also
+        sees; x's batch is B' x repeat, each past row shared by `repeat` adjacent rows of x (the
+        candidates of one history). Dense attention then, whatever the sparse switch."""
         a = self.attn
         b, n_tok, dim = x.shape
         y = self.norm1(x)
         q = a.to_q(y).view(b, n_tok, a.heads, a.head_dim).transpose(1, 2)
         k, v = a.to_kv(y).view(b, n_tok, 2, a.heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        o = frame_causal_attention(q, k, v, frames, sparse=a.sparse, block=a.block_q, topk=a.topk)
+        if past is None:
+            o = frame_causal_attention(q, k, v, frames, sparse=a.sparse, block=a.block_q, topk=a.topk)
+        else:
+            kp, vp = (t.repeat_interleave(repeat, 0) for t in past)
+            frame_of = torch.arange(n_tok, device=x.device) // (n_tok // frames)
+            allowed = torch.cat([torch.ones(n_tok, kp.shape[2], dtype=torch.bool, device=x.device),
+                                 frame_of[:, None] >= frame_of[None, :]], 1)
+            o = F.scaled_dot_product_attention(q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), attn_mask=allowed)
         x = x + a.proj(o.transpose(1, 2).reshape(b, n_tok, dim))
-        return x + self.mlp(self.norm2(x))
+        return x + self.mlp(self.norm2(x)), (k, v)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -298,29 +310,49 @@ class CausalJEPAPredictor(nn.Module):
             raise ValueError(f"at most {cfg.window} frames per window; got {t}")
         if not bool(visible[:, 0].all()):
             raise ValueError("every slot must be visible at the first frame (the identity anchor)")
-        s = cfg.slot_dim
-        # the window's first frame is the identity anchor: its velocities are unknown at a clip start,
-        # so they are never read (the same in training and in rollouts)
-        states = torch.cat([torch.cat([states[:, :1, :, :s + 3], torch.zeros_like(states[:, :1, :, s + 3:])], -1),
-                            states[:, 1:]], 1)
+        states = self._anchored(states)
+        tok = self._slot_tokens(states)  # (B, T, K, D)
+        tok = torch.where(visible.unsqueeze(-1), tok, self.mask_token + self.anchor_in(tok[:, :1]))
+        x = self._frame_tokens(tok, actions, robot, 0).reshape(b, t * (k + 2), -1)
+        for blk in self.blocks:
+            x, _ = blk(x, t)
+        h = self.norm(x).view(b, t, k + 2, -1)[:, :, :k]
+        out, extras = self._transitions(states, h, visible, robot)
+        return torch.stack([states[:, 0], *out], 1), extras
+
+    def _anchored(self, states: Tensor) -> Tensor:
+        """The window's first frame is the identity anchor: its velocities are unknown at a clip start,
+        so they are never read (the same in training and in rollouts)."""
+        s = self.cfg.slot_dim
+        return torch.cat([torch.cat([states[:, :1, :, :s + 3], torch.zeros_like(states[:, :1, :, s + 3:])], -1),
+                          states[:, 1:]], 1)
+
+    def _slot_tokens(self, states: Tensor) -> Tensor:
+        """(B, T, K, Z) -> (B, T, K, D)."""
+        s = self.cfg.slot_dim
         app = (states[..., :s] - self.slot_mean) / self.slot_std
-        tok = self.slot_in(torch.cat([app, physical_features(states[..., s:])], -1))  # (B, T, K, D)
-        hidden_tok = self.mask_token + self.anchor_in(tok[:, :1])
-        tok = torch.where(visible.unsqueeze(-1), tok, hidden_tok)
+        return self.slot_in(torch.cat([app, physical_features(states[..., s:])], -1))
+
+    def _frame_tokens(self, tok: Tensor, actions: Tensor, robot: Tensor, t0: int) -> Tensor:
+        """Slot tokens (B, T, K, D), commands (B, T, s, 2), robot (B, T, 6) of window frames t0.. ->
+        tokens (B, T, K + 2, D) with type and time encodings (window frame 0 has no command before it)."""
+        b, t = tok.shape[:2]
         act = self.action_in(actions.flatten(2) / self.action_scale)  # (B, T, D)
-        act = torch.cat([self.no_action.expand(b, 1, -1), act[:, 1:]], 1)
+        if t0 == 0:
+            act = torch.cat([self.no_action.expand(b, 1, -1), act[:, 1:]], 1)
         rob = self.robot_in(torch.cat([robot[..., :2] / POSITION_SCALE_M, robot[..., 2:4],
                                        robot[..., 4:5] / SPEED_SCALE, robot[..., 5:6] / 2.0], -1))
-        x = torch.cat([tok + self.type_embed[0], (act + self.type_embed[1]).unsqueeze(2),
-                       (rob + self.type_embed[2]).unsqueeze(2)], 2) + self.time_embed[:t, None]
-        x = x.reshape(b, t * (k + 2), -1)
-        for blk in self.blocks:
-            x = blk(x, t)
-        h = self.norm(x).view(b, t, k + 2, -1)[:, :, :k]
+        return torch.cat([tok + self.type_embed[0], (act + self.type_embed[1]).unsqueeze(2),
+                          (rob + self.type_embed[2]).unsqueeze(2)], 2) + self.time_embed[t0:t0 + t, None]
 
+    def _transitions(self, states: Tensor, h: Tensor, visible: Tensor, robot: Tensor
+                     ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """States of frames 1..T-1 (B, K, Z) each: a visible slot as given, a hidden one advanced from the
+        frame before by the dynamics from its context h (B, T, K, D); and the priors' inputs."""
+        s = self.cfg.slot_dim
         cur = states[:, 0]
-        out, aux = [cur], []
-        for i in range(1, t):
+        out, aux = [], []
+        for i in range(1, h.shape[1]):
             command = torch.cat([robot[:, i - 1, :4], robot[:, i, 4:]], -1)  # where the robot was, what it was told
             phys, info = self.dynamics(cur[..., s:], h[:, i], command)
             app_next = cur[..., :s]
@@ -330,13 +362,39 @@ class CausalJEPAPredictor(nn.Module):
             out.append(cur)
             aux.append(info)
         extras = {key: torch.stack([a[key] for a in aux], 1) for key in (aux[0] if aux else {})}
-        return torch.stack(out, 1), extras
+        return out, extras
+
+    def _future_of_shared_history(self, states: Tensor, robot: Tensor, past: Tensor, future_robot: Tensor,
+                                  future_actions: Tensor, n: int) -> Tensor:
+        """The first rollout chunk with the history computed once: history states (B, Th, K, Z), robot
+        (B, Th, 6), commands (B, Th, s, 2); each history's n candidates' future robot (B*n, f, 6) and
+        commands (B*n, f, s, 2) -> predicted states (B*n, f, K, Z). Equals `forward` on the history
+        repeated n times with f hidden frames after it, for the cost of the f frames alone."""
+        b, th, k, z = states.shape
+        f = future_robot.shape[1]
+        states = self._anchored(states)
+        tok = self._slot_tokens(states)
+        x_hist = self._frame_tokens(tok, past, robot, 0).reshape(b, th * (k + 2), -1)
+        hidden = (self.mask_token + self.anchor_in(tok[:, :1])).expand(b, f, k, -1).repeat_interleave(n, 0)
+        x_fut = self._frame_tokens(hidden, future_actions, future_robot, th).reshape(b * n, f * (k + 2), -1)
+        for blk in self.blocks:
+            x_hist, kv = blk(x_hist, th)
+            x_fut, _ = blk(x_fut, f, past=kv, repeat=n)
+        h = self.norm(x_fut).view(b * n, f, k + 2, -1)[:, :, :k]
+        last = states[:, -1:].repeat_interleave(n, 0)
+        win = torch.cat([last, last.new_zeros(b * n, f, k, z)], 1)
+        vis = torch.zeros(b * n, f + 1, k, dtype=torch.bool, device=states.device)
+        vis[:, 0] = True
+        rob = torch.cat([robot[:, -1:].repeat_interleave(n, 0), future_robot], 1)
+        out, _ = self._transitions(win, torch.cat([h[:, :1], h], 1), vis, rob)
+        return torch.stack(out, 1)
 
     # -- rollouts ----------------------------------------------------------------------
 
     @torch.no_grad()
     def rollout(self, features: Tensor, actions: Tensor, *, cam_pose: Tensor, proprio: Tensor | None = None,
-                past_actions: Tensor | None = None, horizon: int | None = None) -> Rollout:
+                past_actions: Tensor | None = None, horizon: int | None = None, share_history: bool = True
+                ) -> Rollout:
         """Predicted slots for `horizon` predictor frames after the history, for every candidate.
 
         features (B, Th, K, S + 5): encoder features of the history frames, `frameskip` env steps apart,
@@ -346,6 +404,9 @@ class CausalJEPAPredictor(nn.Module):
         cam_pose (B, Th, 4, 4), proprio (B, Th, P) or None: the history's observations (robot pose).
         past_actions (B, Th - 1, s, 2): the commands between history frames; None = the measured base
             velocity (proprio) of the frame they led to, held for its s steps (0 without proprio).
+        share_history: the first `future` frames of every candidate attend to one computation of the
+            history (dense attention; the block-sparse switch takes the plain path); False = the history
+            is recomputed per candidate (the same result, for checking).
         -> Rollout: states (B, N, H, K, S + 6), robot (B, N, H, 6)."""
         cfg = self.cfg
         fs = cfg.frameskip
@@ -373,6 +434,14 @@ class CausalJEPAPredictor(nn.Module):
         hist = cfg.history
         preds = []
         done = 0
+        if share_history and not any(blk.attn.sparse for blk in self.blocks):
+            f = min(cfg.future, horizon)
+            first = self._future_of_shared_history(states, robot, past, future_robot[:, :f], cand[:, :f], n)
+            preds.append(first)
+            win_states = torch.cat([win_states, first], 1)[:, -hist:]
+            win_robot = torch.cat([win_robot, future_robot[:, :f]], 1)[:, -hist:]
+            win_act = torch.cat([win_act, cand[:, :f]], 1)[:, -hist:]
+            done = f
         while done < horizon:
             f = min(cfg.future, horizon - done)  # causal: fewer hidden frames give the same first ones
             st = torch.cat([win_states, win_states.new_zeros(b * n, f, *win_states.shape[2:])], 1)

@@ -228,6 +228,13 @@ def test_rollout_shapes_batching_and_chunks():
     one = model.rollout(**{k: v[1:] for k, v in hist.items()}, actions=acts[1:, 2:3])
     torch.testing.assert_close(one.states[0, 0], r.states[1, 2], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(r.states[:, 0], r.states[:, 1])  # different actions, different futures
+    # the history computed once for all candidates gives what recomputing it per candidate gives
+    plain = model.rollout(**hist, actions=acts, share_history=False)
+    torch.testing.assert_close(r.states, plain.states, atol=1e-5, rtol=1e-5)
+    short_hist = {k: v[:, 1:] for k, v in hist.items()}
+    torch.testing.assert_close(model.rollout(**short_hist, actions=acts).states,
+                               model.rollout(**short_hist, actions=acts, share_history=False).states,
+                               atol=1e-5, rtol=1e-5)
     # causal rollouts: a longer horizon leaves the first frames as they were
     short = model.rollout(**hist, actions=acts[:, :, :2 * cfg.frameskip])
     torch.testing.assert_close(short.states, r.states[:, :, :2], atol=1e-5, rtol=1e-5)
