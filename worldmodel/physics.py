@@ -19,9 +19,10 @@ friction decelerates it by about mu g = 5 m/s^2; at the robot's top speed of 0.2
 its velocity) but "an untouched slot keeps its position and loses its velocity": the velocity kept
 is scaled by the slot's touch probability, 1 - prod(1 - gate) over the robot and every other slot.
 Contact is local: a gate can only open within reach, where the robot's body or another object
-can touch the slot (`contact_range`, a soft cut-off on the distance between centres; the robot's
-reach is measured from its wheel axle), so an object far from everything keeps its place exactly,
-whatever the network says. Accelerations are a gate-weighted sum of pairwise effects (slot j on
+can touch the slot (`contact_range`, a soft cut-off on the distance from the slot's centre to the
+robot's footprint, and between slot centres), so an object out of reach keeps its place exactly,
+whatever the network says (a planner searching the model's actions would otherwise find pushes
+from a distance). Accelerations are a gate-weighted sum of pairwise effects (slot j on
 slot k, robot on slot k), bounded by a scaled tanh; the gates are pushed towards 0 by a sparsity penalty, the accelerations
 towards smooth sequences by a penalty on their change over time.
 
@@ -42,12 +43,15 @@ SPEED_SCALE = 0.25  # m/s: the robot's top speed (sim.env.ACTION_HIGH[0])
 TURN_SCALE = 2.0 * HEADING_SYMMETRY  # rad/s of phi at the robot's top turn rate
 CAMERA_AHEAD_M = 0.032  # the head camera is this far ahead of the wheel axle (sim/assets/robot.xml)
 PHYS_DIM = 6  # x, y, phi, vx, vy, omega
-# Reach of a contact, between centres: the robot's farthest point (a pusher corner, 0.15 m from the
-# axle) plus a box's half-diagonal (0.085 m), and two boxes' half-diagonals; both with about 9 cm of
-# slack for the slots' position error and the motion within a predictor frame.
-ROBOT_REACH_M = 0.32
-PAIR_REACH_M = 0.26
-REACH_SOFTNESS_M = 0.02  # width of the sigmoid cut-off
+# Reach of a contact. The robot's footprint in its own frame (x forward from the wheel axle, y left):
+# the chassis and the pusher plate span x in [-0.09, 0.108] m, y in [-0.10, 0.10] m
+# (sim/assets/robot.xml). The robot can touch an object whose centre is within ROBOT_CONTACT_M of
+# that rectangle (a box's half-diagonal, 0.07 m, plus 3 cm of slack for the slots' position error),
+# and two objects whose centres are within PAIR_REACH_M (two half-diagonals plus 6 cm).
+ROBOT_FOOTPRINT_M = (-0.09, 0.108, 0.10)  # x min, x max, half width
+ROBOT_CONTACT_M = 0.10
+PAIR_REACH_M = 0.20
+REACH_SOFTNESS_M = 0.01  # width of the sigmoid cut-off
 ROBOT_DIM = 6  # x, y, cos yaw, sin yaw, v, omega of the robot's axle
 
 
@@ -160,13 +164,14 @@ class InteractionDynamics(nn.Module):
     robot's frame, and the robot's command). Effects are given in the frame of the interaction (along
     and across the line from j to k; the robot's forward and left) and rotated to the world, so the
     same push gives the same result wherever it happens. With `gates` off, every gate is 1.
-    `contact_range` (robot reach, pair reach in metres; None = no cut-off) multiplies each gate by
-    sigmoid((reach - distance) / REACH_SOFTNESS_M): out of reach, nothing acts.
+    `contact_range` (robot contact margin, pair reach in metres; None = no cut-off) multiplies each
+    gate by sigmoid((reach - distance) / REACH_SOFTNESS_M), the robot's distance measured from the
+    slot's centre to its footprint `ROBOT_FOOTPRINT_M`: out of reach, nothing acts.
     """
 
     def __init__(self, dim: int, hidden: int, dt: float, *, gates: bool = True, quasi_static: bool = True,
                  accel_max: tuple[float, float] = (2.0, 40.0),
-                 contact_range: tuple[float, float] | None = (ROBOT_REACH_M, PAIR_REACH_M)) -> None:
+                 contact_range: tuple[float, float] | None = (ROBOT_CONTACT_M, PAIR_REACH_M)) -> None:
         super().__init__()
         self.dt, self.gates, self.quasi_static = dt, gates, quasi_static
         self.contact_range = contact_range
@@ -220,7 +225,11 @@ class InteractionDynamics(nn.Module):
         rout = self.robot_out(self.robot_slot(h) + self.robot_geo(rgeo))
         rgate = torch.sigmoid(rout[..., 0]) if self.gates else torch.ones_like(rout[..., 0])
         if self.contact_range is not None:
-            rgate = rgate * torch.sigmoid((self.contact_range[0] - rel.norm(dim=-1)) / REACH_SOFTNESS_M)
+            x_min, x_max, half = ROBOT_FOOTPRINT_M
+            out_x = torch.clamp(torch.maximum(x_min - fwd, fwd - x_max), min=0.0)
+            out_y = torch.clamp(left.abs() - half, min=0.0)
+            gap = torch.sqrt(out_x ** 2 + out_y ** 2 + 1e-12)  # to the footprint, 0 inside it
+            rgate = rgate * torch.sigmoid((self.contact_range[0] - gap) / REACH_SOFTNESS_M)
         r_lin = rout[..., 1:2] * torch.stack([c, s], -1) + rout[..., 2:3] * torch.stack([-s, c], -1)
         acc = acc + rgate.unsqueeze(-1) * torch.cat([r_lin, rout[..., 3:4]], -1)
         return acc, gate, rgate

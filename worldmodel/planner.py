@@ -200,12 +200,22 @@ class SlotGoalCost:
 
 class PositionGoalCost:
     """Distance (m) of chosen slots' probed positions to target positions, weighted over the horizon,
-    plus `approach_weight` x the pusher's distance to the nearest chosen slot that is not yet at its
-    target (to get behind a box before pushing it needs contact first).
-    targets (G, 2) world frame; slots (G,) the slot of each target's object."""
+    plus `approach_weight` x the pusher's distance to where it must be to push (a short horizon sees a
+    box move only once the robot touches it, so the plan needs a pull towards contact first):
+
+        approach = "behind": the pre-push point behind the box on the line from its goal
+            (`standoff` m from the box's centre, where the pusher touches the face the goal is
+            opposite to), plus `heading_weight` x (1 - cos) of the robot's heading against that line;
+        approach = "nearest": the box itself (the nearest box not yet at its target).
+
+    Both terms drop for a box within `done_m` of its target. targets (G, 2) world frame; slots (G,)
+    the slot of each target's object."""
+
+    APPROACHES = ("behind", "nearest")
 
     def __init__(self, targets: Tensor, slots: Tensor | list[int], num_slots: int, running_weight: float = 0.1,
-                 approach_weight: float = 0.1) -> None:
+                 approach_weight: float = 0.5, approach: str = "behind", standoff: float = 0.07,
+                 heading_weight: float = 0.1, done_m: float = 0.05) -> None:
         targets = torch.as_tensor(targets, dtype=torch.float32)
         slots = torch.as_tensor(slots, dtype=torch.long).flatten()
         if targets.dim() != 2 or targets.shape[1] != 2 or targets.shape[0] < 1:
@@ -216,21 +226,32 @@ class PositionGoalCost:
             raise ValueError(f"slot indices must be in [0, {num_slots}); got {slots.tolist()}")
         if not torch.isfinite(targets).all():
             raise ValueError("goal positions contain NaN or inf")
+        if approach not in self.APPROACHES:
+            raise ValueError(f"approach must be one of {self.APPROACHES}; got {approach!r}")
         self.targets, self.slots = targets, slots
-        self.running, self.approach = running_weight, approach_weight
+        self.running, self.approach_weight, self.approach = running_weight, approach_weight, approach
+        self.standoff, self.heading_weight, self.done_m = standoff, heading_weight, done_m
 
     def __call__(self, rollout: Rollout) -> Tensor:
         pos = rollout.positions[..., self.slots, :]  # (..., H, G, 2)
-        err = (pos - self.targets.to(pos.device)).norm(dim=-1)  # (..., H, G)
+        to_goal = self.targets.to(pos.device) - pos
+        err = to_goal.norm(dim=-1)  # (..., H, G)
         per_frame = err.sum(-1)
         cost = (per_frame * _horizon_weights(per_frame.shape[-1], self.running, per_frame.device)).sum(-1)
-        if self.approach > 0:
-            r = rollout.robot
-            pusher = r[..., :2] + PUSHER_OFFSET * r[..., 2:4]  # (..., H, 2)
-            gap = (pos - pusher.unsqueeze(-2)).norm(dim=-1)  # (..., H, G)
-            gap = torch.where(err > 0.05, gap, torch.full_like(gap, 0.0))
-            cost = cost + self.approach * gap.min(-1).values.mean(-1)
-        return cost
+        if self.approach_weight <= 0:
+            return cost
+        r = rollout.robot
+        pusher = (r[..., :2] + PUSHER_OFFSET * r[..., 2:4]).unsqueeze(-2)  # (..., H, 1, 2)
+        open_ = err > self.done_m
+        if self.approach == "nearest":
+            gap = (pos - pusher).norm(dim=-1)
+        else:
+            line = to_goal / err.unsqueeze(-1).clamp(min=1e-6)
+            gap = (pos - self.standoff * line - pusher).norm(dim=-1)
+            gap = gap + self.heading_weight * (1.0 - (r[..., 2:4].unsqueeze(-2) * line).sum(-1))
+        gap = torch.where(open_, gap, torch.full_like(gap, float("inf"))).min(-1).values  # the nearest open box
+        gap = torch.where(torch.isinf(gap), torch.zeros_like(gap), gap)  # every box at its target
+        return cost + self.approach_weight * gap.mean(-1)
 
 
 def match_slots(current: Tensor, goal: Tensor, slot_std: Tensor, slot_dim: int) -> Tensor:
@@ -245,6 +266,71 @@ def match_slots(current: Tensor, goal: Tensor, slot_std: Tensor, slot_dim: int) 
     return torch.from_numpy(order)
 
 
+class SlotTracker:
+    """Keeps chosen objects in fixed slots of the planner's history, however the encoder hands them
+    from slot to slot, and remembers them while out of view (a box being pushed is often below the
+    head camera's view).
+
+    Each frame, for each tracked object, the slots that see something (`min_pixels` valid-depth
+    pixels) are candidates; the one with the lowest planar distance to the track's last position over
+    `pos_scale_m` plus mean-colour distance over `colour_scale`, if below `gate`, is the object, and
+    its features are swapped into the track's slot. Unseen, the track's slot holds the object's last
+    seen features with the position the planner last forecast for this step (`forecast`), else the
+    last seen one. Features are (K, S + 5): slot vector, then centre x, y, z and view direction."""
+
+    def __init__(self, pos_scale_m: float = 0.15, colour_scale: float = 0.15, gate: float = 3.0,
+                 min_pixels: int = 4) -> None:
+        self.pos_scale_m, self.colour_scale, self.gate, self.min_pixels = pos_scale_m, colour_scale, gate, min_pixels
+        self.slots: list[int] = []
+        self.memory: Tensor | None = None  # (G, F) last features of each track
+        self.colour: Tensor | None = None  # (G, 3)
+        self.seen: list[bool] = []
+        self.pending: list[Tensor] = []  # forecast positions (G, 2) for the next observations, oldest first
+
+    def start(self, features: Tensor, colour: Tensor, slots: list[int]) -> None:
+        """Track the objects now in `slots` (G,), from this frame's features (K, F) and colours (K, 3)."""
+        self.slots = [int(k) for k in slots]
+        self.memory = features[self.slots].clone()
+        self.colour = colour[self.slots].clone()
+        self.seen = [True] * len(self.slots)
+        self.pending = []
+
+    def forecast(self, positions: list[Tensor]) -> None:
+        """Where the tracks should be at the next observations, (G, 2) each (from the executed plan)."""
+        self.pending = list(positions)
+
+    def __call__(self, features: Tensor, colour: Tensor, pixels: Tensor) -> Tensor:
+        """One frame's features (K, F), colours (K, 3), pixels (K,) -> features with each track in its slot."""
+        out = features.clone()
+        if self.memory is None:
+            return out
+        guess = self.pending.pop(0) if self.pending else None
+        centre = features[:, -5:-3]
+        taken: set[int] = set()
+        for g, home in enumerate(self.slots):
+            last = self.memory[g, -5:-3] if guess is None else guess[g]
+            score = ((centre - last).norm(dim=-1) / self.pos_scale_m
+                     + (colour - self.colour[g]).norm(dim=-1) / self.colour_scale)
+            score = torch.where(pixels >= self.min_pixels, score, torch.full_like(score, float("inf")))
+            for k in taken:
+                score[k] = float("inf")
+            k = int(torch.argmin(score))
+            self.seen[g] = bool(score[k] < self.gate)
+            if self.seen[g]:
+                taken.add(home)
+                self.memory[g] = features[k]
+                self.colour[g] = 0.9 * self.colour[g] + 0.1 * colour[k]
+                if k != home:
+                    out[[home, k]] = out[[k, home]]
+            else:
+                remembered = self.memory[g].clone()
+                if guess is not None:
+                    remembered[-5:-3] = guess[g]
+                    self.memory[g] = remembered
+                out[home] = remembered
+        return out
+
+
 # ---------------------------------------------------------------------------- the controller
 
 
@@ -254,17 +340,20 @@ class LatentPlanner:
     goal = "state": at reset the goal positions (info["goal"]) and the boxes to push are read from
         `info` as the task's specification (as a benchmark hands it over); the box's slot is the one
         whose probed position is nearest to the box, and from then on the slot is followed by its
-        identity. Or call `set_goal_state(targets, slots)` yourself.
+        identity. Or call `set_goal_state(targets, slots)` yourself. With `track` (the default) a
+        `SlotTracker` keeps each box in its slot when the encoder hands it to another, and remembers it,
+        moved as the plans forecast, while it is out of view.
     goal = "observation": call `set_goal_observation(obs)` (an observation of the goal scene)."""
 
     def __init__(self, encoder: torch.nn.Module, predictor: CausalJEPAPredictor, cfg: PlannerConfig | None = None,
-                 goal: str = "state", device: str | torch.device = "cpu") -> None:
+                 goal: str = "state", device: str | torch.device = "cpu", track: bool = True) -> None:
         if goal not in ("state", "observation"):
             raise ValueError(f"goal must be 'state' or 'observation'; got {goal!r}")
         self.encoder, self.predictor = encoder.eval(), predictor.eval()
         self.cfg = cfg or PlannerConfig()
         self.planner = make_planner(self.cfg)
         self.goal_mode, self.device = goal, torch.device(device)
+        self.track = track
         self.cost: Callable[[Rollout], Tensor] | None = None
         self._goal_states: Tensor | None = None
         self._reset_buffers()
@@ -279,6 +368,8 @@ class LatentPlanner:
         self.warm: Tensor | None = None
         self.last_plan: PlanResult | None = None
         self.replan_seconds: list[float] = []  # wall time of each replan of this episode
+        self.tracker = SlotTracker() if self.track else None
+        self._raw: tuple[Tensor, Tensor] | None = None  # the last frame's raw features and colours
 
     # -- goals ---------------------------------------------------------------------
 
@@ -286,6 +377,8 @@ class LatentPlanner:
         self.cost = PositionGoalCost(torch.as_tensor(np.asarray(targets), dtype=torch.float32), slots,
                                      self.predictor.cfg.num_slots)
         self._goal_states = None
+        if self.tracker is not None and self._raw is not None:
+            self.tracker.start(*self._raw, [int(k) for k in torch.as_tensor(slots).flatten()])
 
     @torch.no_grad()
     def set_goal_observation(self, obs: dict[str, np.ndarray]) -> None:
@@ -340,7 +433,12 @@ class LatentPlanner:
     @torch.no_grad()
     def _observe(self, obs: dict[str, np.ndarray]) -> None:
         out, self.stream = self.encoder.step(*self._frame(obs), self.stream)
-        self.features.append(out.features[0, 0].float())
+        features = out.features[0, 0].float()
+        if self.tracker is not None:
+            colour, pixels = out.extras["colour"][0, 0].float(), out.extras["pixels"][0, 0]
+            self._raw = (features, colour)
+            features = self.tracker(features, colour, pixels)
+        self.features.append(features)
         self.cam_pose.append(torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device))
         proprio = obs.get("proprio")
         self.proprio.append(torch.zeros(4, device=self.device) if proprio is None
@@ -388,11 +486,14 @@ class LatentPlanner:
         self.warm = torch.cat([result.actions[ex:], result.actions[-1:].expand(ex, -1)], 0)
         chunk = result.actions[:ex].repeat_interleave(pc.frameskip, 0)
         self.queue = [a.numpy().astype(np.float32) for a in chunk]
+        if self.tracker is not None and self.tracker.slots:  # where the boxes go under what is now executed
+            pos = rollout_fn(result.actions[None]).positions[0, :ex, self.tracker.slots]  # (ex, G, 2)
+            self.tracker.forecast([pos[j // pc.frameskip] for j in range(ex * pc.frameskip)])
 
 
 def make_latent_planner(predictor: str | None = None, encoder: str | None = None, goal: str = "state",
                         device: str = "cpu", checkpoint: str | None = None, threads: int = 0,
-                        **planner: Any) -> LatentPlanner:
+                        track: bool = True, **planner: Any) -> LatentPlanner:
     """A `LatentPlanner` from checkpoint directories (a Hydra `_target_` for sim's evaluation and viewer);
     the encoder defaults to the one the predictor was trained on. `checkpoint` is another name for
     `predictor` (the key `ego-view` checks for existence before building a controller). `threads` > 0
@@ -415,4 +516,4 @@ def make_latent_planner(predictor: str | None = None, encoder: str | None = None
         raise ValueError(f"the predictor {predictor} was trained on the encoder {encoder!r}, which does not exist "
                          f"here; pass encoder=<encoder checkpoint directory>")
     enc = load_encoder(encoder, device)
-    return LatentPlanner(enc, model, PlannerConfig(**planner), goal=goal, device=device)
+    return LatentPlanner(enc, model, PlannerConfig(**planner), goal=goal, device=device, track=track)

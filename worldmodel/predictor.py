@@ -38,7 +38,7 @@ from worldmodel.physics import (
     PAIR_REACH_M,
     PHYS_DIM,
     POSITION_SCALE_M,
-    ROBOT_REACH_M,
+    ROBOT_CONTACT_M,
     SPEED_SCALE,
     FreeDynamics,
     InteractionDynamics,
@@ -78,7 +78,7 @@ class PredictorConfig:
     physics: bool = True  # symplectic step from accelerations; False = the next physical state predicted freely
     gates: bool = True  # interaction gates between slots and from the robot (False: every gate is 1)
     quasi_static: bool = True  # an untouched slot loses its velocity (needs gates)
-    contact: bool = True  # gates close out of contact reach (physics.ROBOT_REACH_M, PAIR_REACH_M)
+    contact: bool = True  # gates close out of contact reach (physics.ROBOT_CONTACT_M, PAIR_REACH_M)
     accel_max: float = 2.0  # m/s^2 bound of the tanh; 0 = unbounded
     accel_max_angular: float = 40.0  # rad/s^2 of phi = 4 yaw
     constant_appearance: bool = True  # the appearance part is carried unchanged
@@ -261,7 +261,7 @@ class CausalJEPAPredictor(nn.Module):
             self.dynamics: nn.Module = InteractionDynamics(
                 d, cfg.interaction_hidden, cfg.dt, gates=cfg.gates, quasi_static=cfg.quasi_static,
                 accel_max=(cfg.accel_max, cfg.accel_max_angular),
-                contact_range=(ROBOT_REACH_M, PAIR_REACH_M) if cfg.contact else None)
+                contact_range=(ROBOT_CONTACT_M, PAIR_REACH_M) if cfg.contact else None)
         else:
             self.dynamics = FreeDynamics(d, cfg.interaction_hidden)
         self.appearance_head = None
@@ -305,7 +305,7 @@ class CausalJEPAPredictor(nn.Module):
         -> states (B, T, K, Z): visible ones as given, hidden ones predicted; and per transition
         'acc' (B, T-1, K, 3), 'gate' (B, T-1, K, K), 'robot_gate' (B, T-1, K) for the priors."""
         cfg = self.cfg
-        b, t, k, z = states.shape
+        b, t, k, _ = states.shape
         if t > cfg.window:
             raise ValueError(f"at most {cfg.window} frames per window; got {t}")
         if not bool(visible[:, 0].all()):

@@ -43,7 +43,9 @@ def window_batch(model: CausalJEPAPredictor, b: int = 3, seed: int = 0) -> dict[
     g = torch.Generator().manual_seed(seed)
     t, k = cfg.window, cfg.num_slots
     feats = torch.randn(b, t, k, cfg.feature_dim, generator=g)
-    feats[..., -5:-3] = torch.rand(b, 1, k, 2, generator=g) * 2 - 1 + torch.arange(t).view(1, t, 1, 1) * 0.02
+    # objects around the robot's path (it drives along +x from the origin), most within contact reach
+    near = torch.rand(b, 1, k, 2, generator=g) * torch.tensor([0.3, 0.3]) + torch.tensor([0.1, -0.15])
+    feats[..., -5:-3] = near + torch.arange(t).view(1, t, 1, 1) * 0.02
     return {"features": feats, "actions": (torch.rand(b, t, cfg.frameskip, 2, generator=g) - 0.5) * 0.4,
             "cam_pose": camera(b, t), "proprio": torch.zeros(b, t, 4),
             "object_poses": torch.cat([feats[..., :3, -5:-3], torch.zeros(b, t, 3, 1)], -1),
@@ -127,24 +129,25 @@ def test_untouched_slots_keep_position_and_lose_velocity():
 def test_contact_reach_closes_the_gates_of_far_slots():
     """Whatever the gate heads say, a slot out of every contact's reach keeps its place; in reach it moves."""
     torch.manual_seed(0)
-    dyn = InteractionDynamics(16, 8, dt=0.2, contact_range=(0.32, 0.26))
+    dyn = InteractionDynamics(16, 8, dt=0.2, contact_range=(0.10, 0.20))
     with torch.no_grad():
         for head in (dyn.pair_out, dyn.robot_out):
             head[-1].weight.zero_()
             head[-1].bias[:] = torch.tensor([30.0, 1.0, 0.5, 0.3])  # every gate wide open, a strong effect
     robot = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.2, 0.0]])  # at the origin facing +x, driving
-    # slot 0 just ahead of the pusher, slot 1 beside it (in reach of slot 0), slot 2 far from everything
-    phys = torch.tensor([[[0.2, 0.0, 0.0, 0.0, 0.0, 0.0], [0.2, 0.15, 0.0, 0.0, 0.0, 0.0],
-                          [0.9, -0.8, 0.0, 0.0, 0.0, 0.0]]])
-    new, info = dyn(phys, torch.randn(1, 3, 16), robot)
-    assert info["robot_gate"][0, 0] > 0.99 and info["robot_gate"][0, 2] < 1e-9
+    # slot 0 just ahead of the pusher, slot 1 beside it (in reach of slot 0), slot 2 far from everything,
+    # slot 3 0.3 m from the axle beside the robot: within the old round reach, but not touching
+    phys = torch.tensor([[[0.15, 0.0, 0.0, 0.0, 0.0, 0.0], [0.15, 0.15, 0.0, 0.0, 0.0, 0.0],
+                          [0.9, -0.8, 0.0, 0.0, 0.0, 0.0], [0.0, -0.3, 0.0, 0.0, 0.0, 0.0]]])
+    new, info = dyn(phys, torch.randn(1, 4, 16), robot)
+    assert info["robot_gate"][0, 0] > 0.99 and info["robot_gate"][0, 2] < 1e-9 and info["robot_gate"][0, 3] < 1e-3
     assert info["gate"][0, 0, 1] > 0.9 and info["gate"][0, 2].max() < 1e-9 and info["gate"][0, :, 2].max() < 1e-9
     assert (new[0, 0, :2] - phys[0, 0, :2]).norm() > 1e-3 and (new[0, 1, :2] - phys[0, 1, :2]).norm() > 1e-3
     torch.testing.assert_close(new[0, 2], phys[0, 2], atol=1e-8, rtol=0)
     # without the cut-off the far slot is pushed too
     free = InteractionDynamics(16, 8, dt=0.2, contact_range=None)
     free.load_state_dict(dyn.state_dict())
-    new, _ = free(phys, torch.randn(1, 3, 16), robot)
+    new, _ = free(phys, torch.randn(1, 4, 16), robot)
     assert (new[0, 2, :2] - phys[0, 2, :2]).norm() > 1e-3
 
 
