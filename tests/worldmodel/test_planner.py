@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.planner import (CEMPlanner, LatentPlanner, MPPIPlanner, PlannerConfig, PositionGoalCost,
+from worldmodel.planner import (CEMPlanner, LatentPlanner, MPPIPlanner, PlannerConfig, PositionGoalCost, SlotTracker,
                                 SlotGoalCost, make_planner, match_slots)
 from worldmodel.predictor import CausalJEPAPredictor, PredictorConfig, Rollout
 
@@ -121,6 +121,64 @@ def test_goal_costs_and_bad_goal_shapes():
         PositionGoalCost(torch.zeros(2, 2), [0], num_slots=k)
     with pytest.raises(ValueError, match="slot indices"):
         PositionGoalCost(torch.zeros(1, 2), [4], num_slots=k)
+
+
+def test_pre_push_cost_prefers_the_pusher_behind_the_box():
+    """approach="behind": the cost is lowest with the pusher behind the box on the line from the goal,
+    facing the goal; with the box at its goal the approach term is off."""
+    from sim.env import PUSHER_OFFSET
+
+    k = 4
+    cost = PositionGoalCost(torch.tensor([[1.0, 0.0]]), [0], num_slots=k, approach_weight=1.0, running_weight=0.0)
+    states = torch.zeros(3, 1, k, 18)
+    states[..., 0, 12:14] = torch.tensor([0.5, 0.0])  # the box halfway to its goal at (1, 0)
+
+    def robot(x, y, yaw):
+        return torch.tensor([x, y, np.cos(yaw), np.sin(yaw), 0.0, 0.0], dtype=torch.float32)
+
+    axle = 0.5 - cost.standoff - PUSHER_OFFSET
+    robots = torch.stack([robot(axle, 0.0, 0.0), robot(axle, 0.0, np.pi / 2), robot(0.5 + 0.2, 0.0, np.pi)])
+    c = cost(Rollout(states=states, robot=robots.view(3, 1, 6), slot_dim=12))
+    assert c[0] == pytest.approx(0.5, abs=1e-4)  # only the box's distance to its goal remains
+    assert c[0] < c[1] < c[2]  # turned away costs the heading term; in front of the box, the way back round
+    states[..., 0, 12:14] = torch.tensor([0.98, 0.0])  # at its goal: no approach term
+    c = cost(Rollout(states=states, robot=robots.view(3, 1, 6), slot_dim=12))
+    torch.testing.assert_close(c, torch.full((3,), 0.02), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="approach"):
+        PositionGoalCost(torch.zeros(1, 2), [0], num_slots=k, approach="around")
+
+
+def test_slot_tracker_keeps_a_handed_over_object_in_its_slot_and_remembers_it():
+    k, f = 4, 9
+    feats = torch.zeros(k, f)
+    feats[:, :4] = torch.eye(k)  # slot vectors tell slots apart
+    feats[:, -5:-3] = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    colour = torch.tensor([[0.2, 0.2, 0.2], [0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]])
+    pixels = torch.full((k,), 50)
+    tracker = SlotTracker()
+    tracker.start(feats, colour, [1])  # the red object in slot 1
+    torch.testing.assert_close(tracker(feats, colour, pixels), feats)  # nothing moved
+    # the encoder hands the red object (moved 3 cm) to slot 3: the tracker swaps it back into slot 1
+    handed = feats[[0, 3, 2, 1]].clone()
+    handed[3, -5:-3] += torch.tensor([0.03, 0.0])
+    out = tracker(handed, colour[[0, 3, 2, 1]], pixels)
+    torch.testing.assert_close(out[1], handed[3])
+    torch.testing.assert_close(out[3], handed[1])
+    assert tracker.seen == [True]
+    # out of view (no pixels): slot 1 holds the memory, moved where the plan forecast it
+    tracker.forecast([torch.tensor([[1.2, 0.1]])])
+    gone = pixels.clone()
+    gone[3] = 0
+    out = tracker(handed, colour[[0, 3, 2, 1]], gone)
+    assert tracker.seen == [False]
+    torch.testing.assert_close(out[1, :4], handed[3, :4])
+    torch.testing.assert_close(out[1, -5:-3], torch.tensor([1.2, 0.1]))
+    # a red thing far from where the object should be is not it
+    far = handed.clone()
+    far[3, -5:-3] = torch.tensor([-1.0, -1.0])
+    out = tracker(far, colour[[0, 3, 2, 1]], pixels)
+    assert tracker.seen == [False]
+    torch.testing.assert_close(out[1, -5:-3], torch.tensor([1.2, 0.1]))
 
 
 def test_planning_with_a_predictor_rollout_lowers_the_cost():
