@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.planner import (CEMPlanner, LatentPlanner, MPPIPlanner, PlannerConfig, PositionGoalCost, SlotTracker,
-                                SlotGoalCost, make_planner, match_slots)
+from worldmodel.planner import (
+    CEMPlanner,
+    LatentPlanner,
+    MPPIPlanner,
+    PlannerConfig,
+    PositionGoalCost,
+    SlotGoalCost,
+    SlotTracker,
+    make_planner,
+    match_slots,
+)
 from worldmodel.predictor import CausalJEPAPredictor, PredictorConfig, Rollout
 
 GOAL = torch.tensor([0.6, -0.9])

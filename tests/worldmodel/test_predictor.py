@@ -12,8 +12,13 @@ import pytest
 import torch
 
 from worldmodel.physics import InteractionDynamics, integrate_robot, symplectic_euler
-from worldmodel.predictor import (CausalJEPAPredictor, PredictorConfig, frame_causal_attention, object_mask,
-                                  predictor_loss)
+from worldmodel.predictor import (
+    CausalJEPAPredictor,
+    PredictorConfig,
+    frame_causal_attention,
+    object_mask,
+    predictor_loss,
+)
 
 TINY = dict(slot_dim=12, num_slots=4, history=3, future=2, frameskip=2, dim=32, layers=2, heads=2,
             interaction_hidden=16, block=4, topk=2)
