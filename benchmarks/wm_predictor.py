@@ -94,6 +94,11 @@ def main() -> None:
     parser.add_argument("--planning-workers", type=int, default=2)
     parser.add_argument("--planner", nargs="*", default=[], help="PlannerConfig overrides, e.g. samples=64")
     parser.add_argument("--skip", nargs="*", default=[], choices=["open_loop", "counterfactual", "planning"])
+    parser.add_argument("--patch", default=None,
+                        help="also measure the patch-token JEPA ablation in this directory (open loop); trained there "
+                             "first, on the first checkpoint's encoder and data, when it holds no model")
+    parser.add_argument("--patch-minutes", type=float, default=13.5,
+                        help="its training budget (wall clock; the slot predictor's 4 000 steps take about this)")
     args = parser.parse_args()
 
     import numpy as np
@@ -122,7 +127,7 @@ def main() -> None:
         seg_len = (th - 1) * fs + horizons[-1] + 1
         encoder_dir = str(config.get("encoder"))
         common = env | {"variant": variant_name(cfg), "checkpoint": str(Path(ckpt)), "encoder": encoder_dir,
-                        "history_frames": th, "frameskip": fs}
+                        "history_frames": th, "frameskip": fs, "parameters": sum(p.numel() for p in model.parameters())}
 
         if "open_loop" not in args.skip:
             if encoder_dir not in open_cache:
@@ -153,6 +158,9 @@ def main() -> None:
                          baseline_err_m=float(np.median(b)) if len(b) else None, objects=len(e),
                          scenes=len(record["seeds"]), scenes_tried=cf_seeds, **common)
 
+        if args.patch and ckpt_i == 0 and "open_loop" not in args.skip:
+            measure_patch(args, config, open_cache[encoder_dir], horizons, env)
+
         if "planning" not in args.skip and ckpt_i == 0 and args.planning_episodes > 0:
             episodes = 2 if quick else args.planning_episodes
             target = {"_target_": "worldmodel.planner.make_latent_planner", "predictor": str(ckpt), "threads": 1,
@@ -164,6 +172,37 @@ def main() -> None:
                  target=0.80, planner=planner_kw, **common)
             emit(BENCH, "planning_s_per_replan", replan_seconds(ckpt, planner_kw, 10 if quick else 60), "s",
                  threads=1, target=0.5, planner=planner_kw, **common)
+
+
+def measure_patch(args, config: dict, cache: dict, horizons: list[int], env: dict) -> None:
+    """Open-loop errors of the patch-token JEPA on the segments the slot predictors were measured on."""
+    import numpy as np
+
+    from sim.collect import to_config
+    from worldmodel.evaluate import collect_eval_data, default_eval_sources
+    from worldmodel.patch_jepa import PatchJEPAConfig, encode_patch_segments, patch_rollout_errors, train_patch_jepa
+    from worldmodel.train import WorldModelTrainConfig, dataset_paths, load_encoder
+
+    encoder_dir = str(config.get("encoder"))
+    pm = config["predictor"]["model"]
+    cfg = PatchJEPAConfig(history=pm["history"], future=pm["future"], frameskip=pm["frameskip"], dim=pm["dim"],
+                          layers=pm["layers"], heads=pm["heads"], mlp_ratio=pm["mlp_ratio"])
+    train_cfg = to_config(config, WorldModelTrainConfig, {})
+    paths = dataset_paths(train_cfg.data, progress=False)
+    model = train_patch_jepa(encoder_dir, paths, args.patch, minutes=0.2 if args.quick else args.patch_minutes,
+                             batch=4 if args.quick else 16, cfg=cfg, progress=False)
+    seg_len = cache["features"].shape[1]
+    eval_paths = collect_eval_data(args.eval_root, default_eval_sources(args.quick))
+    patch_cache = encode_patch_segments(load_encoder(encoder_dir), eval_paths, seg_len)
+    err, base = patch_rollout_errors(model, patch_cache, horizons, args.min_pixels)
+    n_params = sum(p.numel() for p in model.parameters())
+    for h in horizons:
+        e, b = err[h], base[h]
+        emit(BENCH, "pos_err_m", float(np.median(e)) if len(e) else None, "m", horizon=h,
+             mean_err_m=float(np.mean(e)) if len(e) else None,
+             baseline_err_m=float(np.median(b)) if len(b) else None, objects=len(e), segments=len(patch_cache["tokens"]),
+             target=TARGETS.get(("pos_err_m", h)), variant="patch_jepa", checkpoint=str(args.patch),
+             encoder=encoder_dir, parameters=n_params, **env)
 
 
 def replan_seconds(ckpt: str, planner_kw: dict, steps: int) -> float:

@@ -121,7 +121,7 @@ class PatchJEPA(nn.Module):
         one is the first future command group), robot (B, Th, 6), later commands (B, H - 1, s, 2) ->
         predicted raw tokens (B, H, N, E) and the robot's integrated states (B, H, 6)."""
         cfg = self.cfg
-        b, th = tokens.shape[:2]
+        _b, th = tokens.shape[:2]
         h = future_actions.shape[1] + 1
         all_act = torch.cat([actions, future_actions], 1)
         steps = all_act[:, th - 1:].flatten(1, 2)
@@ -222,7 +222,7 @@ def patch_loss(model: PatchJEPA, batch: dict[str, Tensor]) -> tuple[Tensor, dict
     if model.cfg.probe_weight > 0:
         raw = batch["tokens"].float()
         pix = batch["patch_pixels"].float()  # (B, T, O, N)
-        b, t, o, _ = pix.shape
+        b, _t, o, _ = pix.shape
         query, seen0 = object_query(raw[:, :1].expand(b, o, -1, -1), pix[:, 0])  # (B, O, E)
         shows = (pix.sum(-1) >= 20) & seen0.unsqueeze(1) & torch.isfinite(batch["object_poses"][..., 0])  # (B, T, O)
         if shows.any():

@@ -7,8 +7,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from worldmodel.patch_jepa import (PatchJEPA, PatchJEPAConfig, _window, encode_patch_segments, load_patch_jepa,
-                                   patch_loss, patch_rollout_errors, train_patch_jepa)
+from worldmodel.patch_jepa import (
+    PatchJEPA,
+    PatchJEPAConfig,
+    _window,
+    encode_patch_segments,
+    load_patch_jepa,
+    patch_loss,
+    patch_rollout_errors,
+    train_patch_jepa,
+)
 from worldmodel.train import load_encoder
 
 TINY = dict(history=3, future=2, frameskip=2, dim=32, layers=1, heads=2)
