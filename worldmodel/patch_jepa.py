@@ -237,60 +237,69 @@ def patch_loss(model: PatchJEPA, batch: dict[str, Tensor]) -> tuple[Tensor, dict
 def train_patch_jepa(encoder_dir: str, paths: list[str], out: str | Path, minutes: float = 15.0, batch: int = 16,
                      lr: float = 3e-4, seed: int = 0, segment_len: int = 24, cfg: PatchJEPAConfig | None = None,
                      progress: bool = True) -> PatchJEPA:
-    """Train for `minutes` of wall time (the cosine schedule sized from the first steps' speed) and save
-    to `out` (model.safetensors + config.json); an existing finished run there is loaded instead."""
-    from worldmodel.checkpoint import save_checkpoint
+    """Train with the world model's one optimisation loop (`worldmodel.loop.fit`: progress bar,
+    TensorBoard, checkpoints, resume) for `minutes` of training time, the cosine schedule sized from the
+    speed of a few first steps; saved to `out` in the checkpoint layout. A finished run there is loaded."""
+    from worldmodel.checkpoint import read_checkpoint, read_json, save_checkpoint
+    from worldmodel.loop import fit, restore
     from worldmodel.train import load_encoder
+    from worldmodel.train_predictor import PredictorStageConfig
 
     out = Path(out)
-    if (out / "model.safetensors").exists():
+    if (out / "metrics.json").exists() and read_json(out / "metrics.json").get("finished"):
         return load_patch_jepa(out)
-    encoder = load_encoder(encoder_dir)
     cache_path = out / "patch_cache.npz"
     if cache_path.exists():
         with np.load(cache_path) as z:
             cache = {k: z[k] for k in z.files}
     else:
-        cache = encode_patch_segments(encoder, paths, segment_len, progress=progress)
+        cache = encode_patch_segments(load_encoder(encoder_dir), paths, segment_len, progress=progress)
         out.mkdir(parents=True, exist_ok=True)
         np.savez(cache_path, **cache)
     g, length, n, e = cache["tokens"].shape
     cfg = cfg or PatchJEPAConfig()
     cfg.token_dim, cfg.num_patches = e, n
-    sample = cache["tokens"][:: max(1, g // 200)].reshape(-1, e).astype(np.float32)
-    stats = {"tok_mean": sample.mean(0).tolist(), "tok_std": np.maximum(sample.std(0), 1e-3).tolist()}
+    span = (cfg.window - 1) * cfg.frameskip + 1
+
+    def batch_at(step: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng([seed, step])  # resumable sampling
+        seg = rng.integers(0, g, batch)
+        start = rng.integers(0, length - span + 1, batch)
+        return _window(cache, seg, start[:, None] + np.arange(cfg.window)[None] * cfg.frameskip, cfg.frameskip)
+
+    state = None
+    if (out / "train_state.pt").exists():
+        config, weights, stats = read_checkpoint(out)
+        state = {"weights": weights, "stats": stats, "metrics": read_json(out / "metrics.json"),
+                 "train_state": torch.load(out / "train_state.pt", weights_only=False)}
+        steps = int(config["schedule"]["steps"])
+    else:
+        sample = cache["tokens"][:: max(1, g // 200)].reshape(-1, e).astype(np.float32)
+        stats = {"tok_mean": sample.mean(0).tolist(), "tok_std": np.maximum(sample.std(0), 1e-3).tolist()}
+        probe = PatchJEPA(cfg, stats)
+        t0 = time.perf_counter()
+        for i in range(3):  # the speed of a step, to size the schedule to the budget
+            probe.zero_grad()
+            patch_loss(probe, batch_at(10**9 + i))[0].backward()
+        steps = max(10, int(minutes * 60.0 / ((time.perf_counter() - t0) / 3)))
     torch.manual_seed(seed)
     model = PatchJEPA(cfg, stats)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    rng = np.random.default_rng(seed)
-    span = (cfg.window - 1) * cfg.frameskip + 1
-    budget, t0, step, total = minutes * 60.0, time.perf_counter(), 0, None
-    bar = tqdm(desc="patch JEPA", unit="step", disable=not progress, dynamic_ncols=True)
-    history = []
-    while time.perf_counter() - t0 < budget:
-        if step == 5:  # size the schedule to the budget
-            total = max(10, int(budget / ((time.perf_counter() - t0) / 5)))
-        frac = step / total if total else 0.0
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))
-        seg = rng.integers(0, g, batch)
-        start = rng.integers(0, length - span + 1, batch)
-        frames = start[:, None] + np.arange(cfg.window)[None] * cfg.frameskip
-        loss, parts = patch_loss(model, _window(cache, seg, frames, cfg.frameskip))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 25 == 0:
-            history.append({"step": step, **parts})
-            bar.set_postfix(loss=f"{parts['loss']:.3f}")
-    bar.close()
-    config = {"stage": "patch_jepa", "encoder": str(encoder_dir), "model": asdict(cfg)}
-    metrics = {"step": step, "train_seconds": round(time.perf_counter() - t0, 1), "minutes": minutes,
-               "batch_size": batch, "last": history[-1] if history else {}, "history": history}
-    save_checkpoint(out, model, config, stats, metrics)
+    sched = PredictorStageConfig(steps=steps, lr=lr, warmup=min(100, steps // 10), time_budget_min=minutes,
+                                 batch_size=batch, log_every=25, ckpt_every=250)
+    config = {"stage": "patch_jepa", "encoder": str(encoder_dir), "model": asdict(cfg),
+              "schedule": {"steps": steps, "lr": lr, "batch_size": batch, "minutes": minutes, "seed": seed}}
+    prog = restore(state, model, opt, out, torch.device("cpu"))
+
+    def save(parts: dict[str, float], final: bool) -> None:
+        metrics = {"stage": "patch_jepa", "step": prog.step, "train_seconds": round(prog.train_s, 1),
+                   "finished": final, "last": parts, "history": prog.history}
+        save_checkpoint(out, model, config, stats, metrics, train_state={
+            "optimizer": opt.state_dict(), "step": prog.step, "train_seconds": prog.train_s})
+
+    fit(prog, sched, opt=opt, params=list(model.parameters()), loss_fn=lambda step: patch_loss(model, batch_at(step)),
+        save=save, tag="patch_jepa", out=out, main=True, world=1, dev=torch.device("cpu"), show_progress=progress,
+        postfix=("latent", "probe"))
     (out / "patch_config.json").write_text(json.dumps(config, indent=1))
     return model.eval()
 

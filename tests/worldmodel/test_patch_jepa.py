@@ -59,3 +59,7 @@ def test_patch_cache_training_and_rollout_errors(wm_dataset, world_model, tmp_pa
 
     robot = robot_from_camera(batch["cam_pose"], batch["proprio"])
     torch.testing.assert_close(trained(tok, batch["actions"], robot), again(tok, batch["actions"], robot))
+    # a finished run is loaded, not trained again
+    loaded = train_patch_jepa(str(enc_dir), [wm_dataset], out, minutes=5.0, batch=2, segment_len=20,
+                              cfg=PatchJEPAConfig(**TINY), progress=False)
+    torch.testing.assert_close(loaded(tok, batch["actions"], robot), again(tok, batch["actions"], robot))
