@@ -92,7 +92,8 @@ def main() -> None:
                         help="scenes tried (seeds from 300 000); about 1 in 3 has the expert pushing from view")
     parser.add_argument("--planning-episodes", type=int, default=50)
     parser.add_argument("--planning-workers", type=int, default=2)
-    parser.add_argument("--planner", nargs="*", default=[], help="PlannerConfig overrides, e.g. samples=64")
+    parser.add_argument("--planner", nargs="*", default=[],
+                        help="PlannerConfig overrides, e.g. samples=128 (defaults: its CPU defaults)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["open_loop", "counterfactual", "planning"])
     parser.add_argument("--patch", default=None,
                         help="also measure the patch-token JEPA ablation in this directory (open loop); trained there "
@@ -115,6 +116,8 @@ def main() -> None:
     cf_seeds = 12 if quick else args.counterfactual_seeds
     env = machine() | {"torch": torch.__version__, "quick": quick}
     planner_kw = parse_overrides(args.planner)
+    if quick:
+        planner_kw = {"samples": 16, "iterations": 2, "elites": 4} | planner_kw
 
     open_cache: dict[str, dict] = {}  # per encoder
     cf_cache: dict[str, dict] = {}

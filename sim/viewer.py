@@ -94,7 +94,7 @@ def _default_controllers() -> dict[str, Any]:
     return {"expert": {"_target_": "sim.experts.PushExpert"},
             "teleop": {"_target_": "sim.teleop.KeyboardTeleop", "dv": 0.05, "dw": 0.4},
             "planner": {"_target_": "worldmodel.planner.make_latent_planner", "checkpoint": "runs/wm_predictor",
-                        "samples": 64, "iterations": 3, "elites": 8}}
+                        "samples": 64, "iterations": 4, "elites": 8}}
 
 
 def _default_overlays() -> dict[str, Any]:
