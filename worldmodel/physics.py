@@ -46,10 +46,11 @@ PHYS_DIM = 6  # x, y, phi, vx, vy, omega
 # Reach of a contact. The robot's footprint in its own frame (x forward from the wheel axle, y left):
 # the chassis and the pusher plate span x in [-0.09, 0.108] m, y in [-0.10, 0.10] m
 # (sim/assets/robot.xml). The robot can touch an object whose centre is within ROBOT_CONTACT_M of
-# that rectangle (a box's half-diagonal, 0.07 m, plus 3 cm of slack for the slots' position error),
-# and two objects whose centres are within PAIR_REACH_M (two half-diagonals plus 6 cm).
+# that rectangle (a box's half-diagonal, 0.07 m, plus 1 cm), and two objects whose centres are within
+# PAIR_REACH_M (two half-diagonals plus 6 cm). With 3 cm of slack instead of 1, the planner found
+# pushes by a robot turning beside a box, and open-loop errors at 3 s were 0.057 m instead of 0.041.
 ROBOT_FOOTPRINT_M = (-0.09, 0.108, 0.10)  # x min, x max, half width
-ROBOT_CONTACT_M = 0.10
+ROBOT_CONTACT_M = 0.08
 PAIR_REACH_M = 0.20
 REACH_SOFTNESS_M = 0.01  # width of the sigmoid cut-off
 ROBOT_DIM = 6  # x, y, cos yaw, sin yaw, v, omega of the robot's axle
