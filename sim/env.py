@@ -379,11 +379,12 @@ class EgoPushEnv(gym.Env):
         # goal_errors is per goal; approach distance uses any box still far from every goal
         approach = 0.0
         if np.any(unsolved):
-            tip = self._pusher_point()
+            tip = self.pusher_point()
             approach = float(np.min(np.linalg.norm(boxes - tip, axis=-1)))
         return -10.0 * float(np.sum(errs)) - 1.0 * approach
 
-    def _pusher_point(self) -> np.ndarray:
+    def pusher_point(self) -> np.ndarray:
+        """World (x, y) of the middle of the pusher plate's front face."""
         x, y, yaw = self.robot_pose()
         return np.array([x + PUSHER_OFFSET * np.cos(yaw), y + PUSHER_OFFSET * np.sin(yaw)])
 

@@ -138,7 +138,7 @@ def record_counterfactuals(seeds: list[int], steps: int, push_after: int, *, lev
             expert = make_policy("expert", seed)
             expert.reset(obs, info)
             for _ in range(approach_steps):
-                pusher = env._pusher_point()
+                pusher = env.pusher_point()
                 if np.linalg.norm(pusher - env.object_poses()[0, :2]) < reach_m:
                     break
                 obs, _, term, trunc, info = env.step(expert.act(obs, info))
@@ -146,7 +146,7 @@ def record_counterfactuals(seeds: list[int], steps: int, push_after: int, *, lev
                     break
             else:
                 continue
-            if np.linalg.norm(env._pusher_point() - env.object_poses()[0, :2]) >= reach_m or info["is_success"]:
+            if np.linalg.norm(env.pusher_point() - env.object_poses()[0, :2]) >= reach_m or info["is_success"]:
                 continue
             start = env.get_state()
             shadow = copy.deepcopy(expert)
