@@ -303,12 +303,13 @@ class SlotTracker:
 
     def __call__(self, features: Tensor, colour: Tensor, pixels: Tensor) -> Tensor:
         """One frame's features (K, F), colours (K, 3), pixels (K,) -> features with each track in its slot."""
-        out = features.clone()
         if self.memory is None:
-            return out
+            return features.clone()
         guess = self.pending.pop(0) if self.pending else None
         centre = features[:, -5:-3]
-        taken: set[int] = set()
+        order = torch.arange(len(features))  # the output is features[order]
+        taken: set[int] = set()  # slots of this frame already matched to a track
+        remembered: dict[int, Tensor] = {}  # home slot -> memory of an unseen track
         for g, home in enumerate(self.slots):
             last = self.memory[g, -5:-3] if guess is None else guess[g]
             score = ((centre - last).norm(dim=-1) / self.pos_scale_m
@@ -319,17 +320,18 @@ class SlotTracker:
             k = int(torch.argmin(score))
             self.seen[g] = bool(score[k] < self.gate)
             if self.seen[g]:
-                taken.add(home)
+                taken.add(k)
                 self.memory[g] = features[k]
                 self.colour[g] = 0.9 * self.colour[g] + 0.1 * colour[k]
-                if k != home:
-                    out[[home, k]] = out[[k, home]]
+                at = int((order == k).nonzero())  # where slot k's features are now
+                order[[home, at]] = order[[at, home]]
             else:
-                remembered = self.memory[g].clone()
                 if guess is not None:
-                    remembered[-5:-3] = guess[g]
-                    self.memory[g] = remembered
-                out[home] = remembered
+                    self.memory[g, -5:-3] = guess[g]
+                remembered[home] = self.memory[g].clone()
+        out = features[order]
+        for home, feats in remembered.items():
+            out[home] = feats
         return out
 
 

@@ -190,6 +190,23 @@ def test_slot_tracker_keeps_a_handed_over_object_in_its_slot_and_remembers_it():
     torch.testing.assert_close(out[1, -5:-3], torch.tensor([1.2, 0.1]))
 
 
+def test_slot_tracker_keeps_two_objects_apart_when_both_are_handed_over():
+    k, f = 5, 10
+    feats = torch.zeros(k, f)
+    feats[:, :5] = torch.eye(k)
+    feats[:, -5:-3] = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    colour = torch.tensor([[0.2, 0.2, 0.2], [0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9], [0.5, 0.5, 0.5]])
+    tracker = SlotTracker()
+    tracker.start(feats, colour, [1, 2])  # red in slot 1, green in slot 2
+    # the encoder exchanges their slots, then moves them on round a cycle of three slots
+    for perm in (torch.tensor([0, 2, 1, 3, 4]), torch.tensor([0, 3, 1, 2, 4])):
+        out = tracker(feats[perm], colour[perm], torch.full((k,), 50))
+        assert tracker.seen == [True, True]
+        torch.testing.assert_close(out[1], feats[1])  # red back in its slot
+        torch.testing.assert_close(out[2], feats[2])  # green back in its slot
+        assert sorted(int(torch.argmax(out[i, :5])) for i in range(k)) == list(range(k))  # nothing lost or doubled
+
+
 def test_planning_with_a_predictor_rollout_lowers_the_cost():
     """CEM through the predictor's batched rollout: the goal is where the robot's pusher ends, which
     the rollout gets from the commands by the robot's kinematics (known exactly)."""
