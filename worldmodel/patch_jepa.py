@@ -20,7 +20,6 @@ Shapes: B batch, G segments, L steps, T frames, N patches, E encoder width, D wi
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sim.env import ACTION_HIGH, ACTION_LOW, CONTROL_HZ
-from worldmodel.physics import POSITION_SCALE_M, SPEED_SCALE, integrate_robot, robot_from_camera
+from worldmodel.physics import (
+    POSITION_SCALE_M,
+    SPEED_SCALE,
+    integrate_robot,
+    robot_from_camera,
+    to_robot_frame,
+    to_world,
+)
 from worldmodel.predictor import CausalBlock, PredictorConfig
 
 MIN_PATCH_PIXELS = 4  # an object counts as in a patch from this many of its 64 pixels
@@ -136,18 +142,6 @@ class PatchJEPA(nn.Module):
             rob = torch.cat([rob, robot_future[:, j:j + 1]], 1)
         out = torch.stack(preds, 1) * self.tok_std + self.tok_mean
         return out, robot_future
-
-
-def to_robot_frame(points: Tensor, robot: Tensor) -> Tensor:
-    """World points (..., 2) -> (forward, left) of robot states (..., 6)."""
-    rel = points - robot[..., :2]
-    c, s = robot[..., 2], robot[..., 3]
-    return torch.stack([rel[..., 0] * c + rel[..., 1] * s, -rel[..., 0] * s + rel[..., 1] * c], -1)
-
-
-def to_world(local: Tensor, robot: Tensor) -> Tensor:
-    c, s = robot[..., 2], robot[..., 3]
-    return robot[..., :2] + torch.stack([local[..., 0] * c - local[..., 1] * s, local[..., 0] * s + local[..., 1] * c], -1)
 
 
 def object_query(tokens: Tensor, patch_pixels: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,7 +294,6 @@ def train_patch_jepa(encoder_dir: str, paths: list[str], out: str | Path, minute
     fit(prog, sched, opt=opt, params=list(model.parameters()), loss_fn=lambda step: patch_loss(model, batch_at(step)),
         save=save, tag="patch_jepa", out=out, main=True, world=1, dev=torch.device("cpu"), show_progress=progress,
         postfix=("latent", "probe"))
-    (out / "patch_config.json").write_text(json.dumps(config, indent=1))
     return model.eval()
 
 

@@ -130,6 +130,20 @@ def robot_from_camera(cam_pose: Tensor, proprio: Tensor | None) -> Tensor:
     return torch.cat([axle, heading, vel], -1)
 
 
+def to_robot_frame(points: Tensor, robot: Tensor) -> Tensor:
+    """World points (..., 2) -> (forward, left) in the frame of robot states (..., 6) that broadcast."""
+    rel = points - robot[..., :2]
+    c, s = robot[..., 2], robot[..., 3]
+    return torch.stack([rel[..., 0] * c + rel[..., 1] * s, -rel[..., 0] * s + rel[..., 1] * c], -1)
+
+
+def to_world(local: Tensor, robot: Tensor) -> Tensor:
+    """The inverse of `to_robot_frame`."""
+    c, s = robot[..., 2], robot[..., 3]
+    return robot[..., :2] + torch.stack([local[..., 0] * c - local[..., 1] * s, local[..., 0] * s + local[..., 1] * c],
+                                        -1)
+
+
 def integrate_robot(start: Tensor, actions: Tensor, dt_env: float, frameskip: int) -> Tensor:
     """The robot's states after each group of `frameskip` commanded actions, by unicycle kinematics
     (the base tracks its (v, omega) command closely). start (..., 6), actions (..., L, 2) with L a
@@ -218,8 +232,7 @@ class InteractionDynamics(nn.Module):
         # the robot on each slot, in the robot's frame (x forward, y left)
         c, s = robot[:, 2:3], robot[:, 3:4]
         rel = pos - robot[:, None, :2]
-        fwd = rel[..., 0] * c + rel[..., 1] * s
-        left = -rel[..., 0] * s + rel[..., 1] * c
+        fwd, left = to_robot_frame(pos, robot[:, None]).unbind(-1)
         rgeo = torch.stack([fwd / 0.3, left / 0.3, torch.exp(-rel.norm(dim=-1) / 0.1),
                             robot[:, None, 4].expand(b, k) / SPEED_SCALE, robot[:, None, 5].expand(b, k) / 2.0,
                             vel.norm(dim=-1) / SPEED_SCALE], -1)
