@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from sim.env import ACTION_HIGH, ACTION_LOW, CONTROL_HZ
+from sim.env import ACTION_HIGH, CONTROL_HZ
 from worldmodel.physics import (
     POSITION_SCALE_M,
     SPEED_SCALE,
@@ -160,14 +160,12 @@ def encode_patch_segments(encoder: nn.Module, paths: list[str], segment_len: int
                           progress: bool = False) -> dict[str, np.ndarray]:
     """Per segment (as the slot cache cuts them): tokens (G, L, N, E) float16, patch_pixels (G, L, O, N)
     each object's pixels per patch, actions, cam_pose, object_poses, proprio (G, L, ...)."""
-    from worldmodel.data import FRAME_KEYS, Clips
     from worldmodel.objectives import object_onehot
     from worldmodel.rope import patch_geometry
-    from worldmodel.train_predictor import segment_starts
+    from worldmodel.train_predictor import load_segments, step_arrays
 
-    clips = Clips.load(paths, need=(*FRAME_KEYS, "segmentation", "object_poses"))
-    starts = segment_starts(clips.starts, clips.ends, segment_len)
-    n_obj = clips.arrays["object_poses"].shape[1]
+    clips, starts, per_step = load_segments(paths, segment_len)
+    n_obj = per_step["object_poses"].shape[2]
     p = encoder.cfg.patch
     toks, pix = [], []
     for i in tqdm(range(0, len(starts), batch), desc="encoding patches", disable=not progress, dynamic_ncols=True):
@@ -182,15 +180,7 @@ def encode_patch_segments(encoder: nn.Module, paths: list[str], segment_len: int
         full = np.zeros((bb, ll, n_obj, per_patch.shape[-1]), np.uint8)
         full[:, :, :oo] = per_patch.numpy().astype(np.uint8)
         pix.append(full)
-    idx = starts[:, None] + np.arange(segment_len)[None]
-    actions = clips.arrays.get("executed_action", clips.arrays.get("action"))
-    cache = {"tokens": np.concatenate(toks), "patch_pixels": np.concatenate(pix),
-             "actions": np.clip(actions[idx], ACTION_LOW, ACTION_HIGH).astype(np.float32),
-             "cam_pose": clips.arrays["cam_pose"][idx].astype(np.float32),
-             "object_poses": clips.arrays["object_poses"][idx].astype(np.float32)}
-    if "proprio" in clips.arrays:
-        cache["proprio"] = clips.arrays["proprio"][idx].astype(np.float32)
-    return cache
+    return {"tokens": np.concatenate(toks), "patch_pixels": np.concatenate(pix), **step_arrays(per_step)}
 
 
 def _window(cache: dict[str, np.ndarray], seg: np.ndarray, frames: np.ndarray, fs: int) -> dict[str, Tensor]:

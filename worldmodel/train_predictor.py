@@ -97,11 +97,10 @@ def segment_starts(starts: np.ndarray, ends: np.ndarray, length: int) -> np.ndar
     return np.asarray(out, np.int64)
 
 
-@torch.no_grad()
-def encode_segments(encoder: torch.nn.Module, paths: list[str], segment_len: int, batch: int, seed: int,
-                    device: torch.device, progress: bool = True) -> dict[str, np.ndarray]:
-    """Encode every segment: features (G, L, K, S + 5) and the per-step arrays the predictor trains on
-    (see `encode_clip_arrays`)."""
+def load_segments(paths: list[str], segment_len: int) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:
+    """The datasets cut into segments (`segment_starts`): the clips, the segments' start steps (G,) and
+    the per-step arrays (G, L, ...) the predictors read: actions (the command taken at each step),
+    cam_pose, object_poses, proprio."""
     from worldmodel.data import FRAME_KEYS, Clips
 
     clips = Clips.load(paths, need=(*FRAME_KEYS, "segmentation", "object_poses"))
@@ -115,8 +114,29 @@ def encode_segments(encoder: torch.nn.Module, paths: list[str], segment_len: int
     per_step = {"actions": actions, "cam_pose": clips.arrays["cam_pose"], "object_poses": clips.arrays["object_poses"]}
     if "proprio" in clips.arrays:
         per_step["proprio"] = clips.arrays["proprio"]
+    return clips, starts, {k: v[idx] for k, v in per_step.items()}
+
+
+def step_arrays(per_step: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-step arrays as the caches store them: float32, actions clipped to the action space."""
+    from sim.env import ACTION_HIGH, ACTION_LOW
+
+    out = {"actions": np.clip(per_step["actions"], ACTION_LOW, ACTION_HIGH).astype(np.float32),
+           "cam_pose": per_step["cam_pose"].astype(np.float32),
+           "object_poses": per_step["object_poses"].astype(np.float32)}
+    if "proprio" in per_step:
+        out["proprio"] = per_step["proprio"].astype(np.float32)
+    return out
+
+
+@torch.no_grad()
+def encode_segments(encoder: torch.nn.Module, paths: list[str], segment_len: int, batch: int, seed: int,
+                    device: torch.device, progress: bool = True) -> dict[str, np.ndarray]:
+    """Encode every segment: features (G, L, K, S + 5) and the per-step arrays the predictor trains on
+    (see `encode_clip_arrays`)."""
+    clips, starts, per_step = load_segments(paths, segment_len)
     return encode_clip_arrays(encoder, lambda i, j: clips.batch(starts[i:j], segment_len, device=device), len(starts),
-                              {k: v[idx] for k, v in per_step.items()}, batch, seed, progress)
+                              per_step, batch, seed, progress)
 
 
 @torch.no_grad()
@@ -128,7 +148,6 @@ def encode_clip_arrays(encoder: torch.nn.Module, frames: Any, n_clips: int, per_
     Objects are matched to slots per clip by the encoder's masks against the segmentation
     (Hungarian on the clip's summed log-likelihood, as the encoder's training matched them).
     frames(i, j): clips i..j-1 as tensors rgb, depth, intrinsics, cam_pose, segmentation (B, L, ...)."""
-    from sim.env import ACTION_HIGH, ACTION_LOW
     from worldmodel.objectives import match_objects_to_slots, object_onehot
 
     n_obj = per_step["object_poses"].shape[2]
@@ -152,14 +171,8 @@ def encode_clip_arrays(encoder: torch.nn.Module, frames: Any, n_clips: int, per_
                 keep = objs < n_obj  # goal markers (sim.env.GOAL_SEG_ID) have no pose: no probe target
                 so[j, slots[keep]] = objs[keep]
         slot_object.append(so)
-    cache = {"features": np.concatenate(feats), "slot_object": np.concatenate(slot_object),
-             "object_pixels": np.minimum(np.concatenate(pixels), 32767).astype(np.int16),
-             "actions": np.clip(per_step["actions"], ACTION_LOW, ACTION_HIGH).astype(np.float32),
-             "cam_pose": per_step["cam_pose"].astype(np.float32),
-             "object_poses": per_step["object_poses"].astype(np.float32)}
-    if "proprio" in per_step:
-        cache["proprio"] = per_step["proprio"].astype(np.float32)
-    return cache
+    return {"features": np.concatenate(feats), "slot_object": np.concatenate(slot_object),
+            "object_pixels": np.minimum(np.concatenate(pixels), 32767).astype(np.int16), **step_arrays(per_step)}
 
 
 def load_or_build_cache(encoder_dir: str, paths: list[str], cfg: PredictorStageConfig, out: Path,
