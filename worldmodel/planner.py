@@ -25,9 +25,11 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from sim.env import ACTION_HIGH, ACTION_LOW, PUSHER_OFFSET
+from worldmodel.physics import robot_from_camera
 from worldmodel.predictor import POSITION_HUBER_M, CausalJEPAPredictor, Rollout
 
 METHODS = ("cem", "mppi")
+COS_30 = 0.8660254
 
 
 @dataclass
@@ -200,24 +202,59 @@ class SlotGoalCost:
         return (per_frame * _horizon_weights(per_frame.shape[-1], self.running, per_frame.device)).sum(-1)
 
 
+def around_disc(p: Tensor, q: Tensor, centre: Tensor, radius: float) -> Tensor:
+    """Length (...) of the shortest planar path from p to q (..., 2) that stays out of the disc of
+    `radius` around `centre` (..., 2); q is taken on the disc's rim or outside it. A point inside the
+    disc first leaves it radially (that leg is counted)."""
+    rel = p - centre
+    d = rel.norm(dim=-1).clamp(min=1e-6)
+    out = (radius - d).clamp(min=0)  # radial way out of the disc
+    p = centre + rel / d.unsqueeze(-1) * d.clamp(min=radius).unsqueeze(-1)
+    dp = d.clamp(min=radius)
+    qr = q - centre
+    dq = qr.norm(dim=-1).clamp(min=radius)
+    cos = ((p - centre) * qr).sum(-1) / (dp * qr.norm(dim=-1).clamp(min=1e-6))
+    theta = torch.acos(cos.clamp(-1.0, 1.0))
+    alpha_p, alpha_q = torch.acos(radius / dp), torch.acos(radius / dq)
+    wrapped = (dp ** 2 - radius ** 2).sqrt() + (dq ** 2 - radius ** 2).sqrt() + radius * (theta - alpha_p - alpha_q)
+    straight = (p - q).norm(dim=-1)
+    return out + torch.where(theta > alpha_p + alpha_q, wrapped, straight)
+
+
 class PositionGoalCost:
     """Distance (m) of chosen slots' probed positions to target positions, weighted over the horizon,
-    plus `approach_weight` x the pusher's distance to where it must be to push (a short horizon sees a
+    plus `approach_weight` x the robot's distance to where it must be to push (a short horizon sees a
     box move only once the robot touches it, so the plan needs a pull towards contact first):
 
-        approach = "behind": the pre-push point behind the box on the line from its goal
-            (`standoff` m from the box's centre, where the pusher touches the face the goal is
-            opposite to), plus `heading_weight` x (1 - cos) of the robot's heading against that line;
+        approach = "behind": the axle's distance to where it stands to push: `standoff` m behind the
+            box's centre on the line from its goal, plus the pusher's reach (the pusher then touches
+            the face opposite the goal), measured along the shortest way round the box at `clearance`
+            m from its centre (0: straight; in place of the way round, straight in once within the
+            clearance and 30 degrees of the line), plus `heading_weight` x (1 - cos) of the robot's
+            heading against that line within `heading_range` m of the spot (measured at the axle,
+            turning in place costs no distance, so the plan can line up);
         approach = "nearest": the box itself (the nearest box not yet at its target).
 
-    Both terms drop for a box within `done_m` of its target. targets (G, 2) world frame; slots (G,)
-    the slot of each target's object."""
+    Both terms drop for a box within `done_m` of its target. Once every box is (as far as the robot
+    can tell: a box close under the camera is seen worst), the approach term becomes a look term: the
+    robot's distance to `look_m` m from each box, facing it (0: none), so that a box believed done is
+    seen again from where its estimate is good. targets (G, 2) world frame; slots (G,) the slot of
+    each target's object.
+
+    Phases: once `update_phase` is called (the `LatentPlanner` calls it before each replan), the cost
+    has two. Approaching (until the axle is within `engage_m` of its spot, heading within
+    acos(`engage_cos`) of the line): the approach term alone, plus any forecast *increase* of a box's
+    distance to its target; a forecast decrease earns nothing, so a plan cannot profit from a push the
+    model imagines from the side. Pushing: the full cost, until the axle is `release_m` from the spot.
+    Without `update_phase` the cost is always the full one."""
 
     APPROACHES = ("behind", "nearest")
 
     def __init__(self, targets: Tensor, slots: Tensor | list[int], num_slots: int, running_weight: float = 0.1,
                  approach_weight: float = 0.5, approach: str = "behind", standoff: float = 0.07,
-                 heading_weight: float = 0.1, done_m: float = 0.05) -> None:
+                 heading_weight: float = 0.1, done_m: float = 0.03, clearance: float = 0.18,
+                 heading_range: float = 0.15, engage_m: float = 0.04, engage_cos: float = 0.9,
+                 release_m: float = 0.10, look_m: float = 0.4) -> None:
         targets = torch.as_tensor(targets, dtype=torch.float32)
         slots = torch.as_tensor(slots, dtype=torch.long).flatten()
         if targets.dim() != 2 or targets.shape[1] != 2 or targets.shape[0] < 1:
@@ -230,30 +267,79 @@ class PositionGoalCost:
             raise ValueError("goal positions contain NaN or inf")
         if approach not in self.APPROACHES:
             raise ValueError(f"approach must be one of {self.APPROACHES}; got {approach!r}")
+        if min(standoff, clearance, heading_range, engage_m, release_m) < 0 or release_m < engage_m:
+            raise ValueError("standoff, clearance, heading_range, engage_m must be >= 0 and release_m >= engage_m")
         self.targets, self.slots = targets, slots
         self.running, self.approach_weight, self.approach = running_weight, approach_weight, approach
         self.standoff, self.heading_weight, self.done_m = standoff, heading_weight, done_m
+        self.clearance, self.heading_range = clearance, heading_range
+        self.engage_m, self.engage_cos, self.release_m, self.look_m = engage_m, engage_cos, release_m, look_m
+        self.pushing = True  # the full cost until update_phase says otherwise
+        self.start_err: Tensor | None = None  # (G,) each box's distance to its target at the last update_phase
+
+    def approach_gap(self, pos: Tensor, robot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Box positions (..., G, 2) and robot states (..., 6) -> the pusher's way to each box's push
+        point (..., G) (inf for a box at its target), the cosine of the robot's heading against each
+        box's push line (..., G), and each box's distance to its target (..., G)."""
+        to_goal = self.targets.to(pos.device) - pos
+        err = to_goal.norm(dim=-1)
+        if self.approach == "nearest":
+            pusher = (robot[..., :2] + PUSHER_OFFSET * robot[..., 2:4]).unsqueeze(-2)  # (..., 1, 2)
+            gap, cos = (pos - pusher).norm(dim=-1), torch.ones_like(err)
+        else:
+            line = to_goal / err.unsqueeze(-1).clamp(min=1e-6)
+            axle = robot[..., :2].unsqueeze(-2)  # (..., 1, 2): turning in place does not change the gap
+            reach = self.standoff + PUSHER_OFFSET
+            gap = (pos - reach * line - axle).norm(dim=-1)
+            if self.clearance > 0:  # round the box at `clearance` to the rim point behind it, then straight in,
+                # unless already within the clearance and within 30 degrees of the line behind the box
+                rel = axle - pos
+                d = rel.norm(dim=-1)
+                behind = -(rel * line).sum(-1) > COS_30 * d
+                rim = max(self.clearance, reach)
+                around = around_disc(axle, pos - rim * line, pos, self.clearance) + abs(rim - reach)
+                gap = torch.where((d < self.clearance) & behind, gap, around)
+            cos = (robot[..., 2:4].unsqueeze(-2) * line).sum(-1)
+        gap = torch.where(err > self.done_m, gap, torch.full_like(gap, float("inf")))
+        return gap, cos, err
+
+    def update_phase(self, positions: Tensor, robot: Tensor) -> bool:
+        """Set the phase from the boxes' current positions (G, 2) and the robot's state (6,); True when pushing."""
+        gap, cos, err = self.approach_gap(torch.as_tensor(positions, dtype=torch.float32),
+                                          torch.as_tensor(robot, dtype=torch.float32))
+        i = int(torch.argmin(gap))
+        if self.pushing and self.start_err is not None:
+            self.pushing = bool(gap[i] < self.release_m)
+        else:
+            self.pushing = bool(gap[i] < self.engage_m and cos[i] > self.engage_cos)
+        self.start_err = err
+        return self.pushing
 
     def __call__(self, rollout: Rollout) -> Tensor:
         pos = rollout.positions[..., self.slots, :]  # (..., H, G, 2)
-        to_goal = self.targets.to(pos.device) - pos
-        err = to_goal.norm(dim=-1)  # (..., H, G)
-        per_frame = err.sum(-1)
-        cost = (per_frame * _horizon_weights(per_frame.shape[-1], self.running, per_frame.device)).sum(-1)
+        gap, cos, err = self.approach_gap(pos, rollout.robot)
+        w = _horizon_weights(err.shape[-2], self.running, err.device)
+        approaching = not self.pushing and self.start_err is not None
+        if approaching:
+            progress = (err - self.start_err.to(err.device)).clamp(min=0)
+        else:
+            progress = err
+        cost = (progress.sum(-1) * w).sum(-1)
         if self.approach_weight <= 0:
             return cost
-        r = rollout.robot
-        pusher = (r[..., :2] + PUSHER_OFFSET * r[..., 2:4]).unsqueeze(-2)  # (..., H, 1, 2)
-        open_ = err > self.done_m
-        if self.approach == "nearest":
-            gap = (pos - pusher).norm(dim=-1)
+        if self.approach == "behind" and self.heading_weight > 0:
+            near = (1.0 - gap / max(self.heading_range, 1e-6)).clamp(min=0)
+            gap = gap + self.heading_weight * near * (1.0 - cos)
+        gap = gap.min(-1).values  # the nearest open box
+        if self.look_m > 0:  # every box at its target: stand back and look (a close box's estimate is poor)
+            ahead = pos - rollout.robot[..., :2].unsqueeze(-2)
+            dist = ahead.norm(dim=-1)
+            facing = (rollout.robot[..., 2:4].unsqueeze(-2) * ahead).sum(-1) / dist.clamp(min=1e-6)
+            look = ((dist - self.look_m).abs() + self.heading_weight * (1.0 - facing)).mean(-1)
         else:
-            line = to_goal / err.unsqueeze(-1).clamp(min=1e-6)
-            gap = (pos - self.standoff * line - pusher).norm(dim=-1)
-            gap = gap + self.heading_weight * (1.0 - (r[..., 2:4].unsqueeze(-2) * line).sum(-1))
-        gap = torch.where(open_, gap, torch.full_like(gap, float("inf"))).min(-1).values  # the nearest open box
-        gap = torch.where(torch.isinf(gap), torch.zeros_like(gap), gap)  # every box at its target
-        return cost + self.approach_weight * gap.mean(-1)
+            look = torch.zeros_like(gap)
+        gap = torch.where(torch.isinf(gap), look, gap)
+        return cost + (1.0 if approaching else self.approach_weight) * gap.mean(-1)
 
 
 def match_slots(current: Tensor, goal: Tensor, slot_std: Tensor, slot_dim: int) -> Tensor:
@@ -268,52 +354,51 @@ def match_slots(current: Tensor, goal: Tensor, slot_std: Tensor, slot_dim: int) 
     return torch.from_numpy(order)
 
 
+def chromaticity(colour: Tensor) -> Tensor:
+    """RGB (..., 3) -> its share of each channel (..., 3): the same under brighter or darker light."""
+    return colour / colour.sum(-1, keepdim=True).clamp(min=1e-3)
+
+
 class SlotTracker:
     """Keeps chosen objects in fixed slots of the planner's history, however the encoder hands them
-    from slot to slot, and remembers them while out of view (a box being pushed is often below the
-    head camera's view).
+    from slot to slot, and remembers them while out of view.
 
     Each frame, for each tracked object, the slots that see something (`min_pixels` valid-depth
-    pixels) are candidates; the one with the lowest planar distance to the track's last position over
-    `pos_scale_m` plus mean-colour distance over `colour_scale`, if below `gate`, is the object, and
-    its features are swapped into the track's slot. Unseen, the track's slot holds the object's last
-    seen features with the position the planner last forecast for this step (`forecast`), else the
-    last seen one. Features are (K, S + 5): slot vector, then centre x, y, z and view direction."""
+    pixels) are candidates; the one with the lowest planar distance to the track's last seen position
+    over `pos_scale_m` plus chromaticity distance to the object's (taken when tracking starts, so
+    that it cannot drift to a neighbour's) over `colour_scale`, if below `gate`, is the object, and its
+    features are swapped into the track's slot. Unseen, the track's slot holds the object's last seen
+    features, where it was last seen: on EgoPush every push that succeeded kept the box in view, and
+    moving an unseen box as the plan forecast it let the planner's belief run ahead to the goal on
+    pushes that never happened. Features are (K, S + 5): slot vector, then centre x, y, z and view
+    direction."""
 
-    def __init__(self, pos_scale_m: float = 0.15, colour_scale: float = 0.15, gate: float = 3.0,
+    def __init__(self, pos_scale_m: float = 0.15, colour_scale: float = 0.05, gate: float = 3.0,
                  min_pixels: int = 4) -> None:
         self.pos_scale_m, self.colour_scale, self.gate, self.min_pixels = pos_scale_m, colour_scale, gate, min_pixels
         self.slots: list[int] = []
-        self.memory: Tensor | None = None  # (G, F) last features of each track
-        self.colour: Tensor | None = None  # (G, 3)
+        self.memory: Tensor | None = None  # (G, F) last seen features of each track
+        self.chroma: Tensor | None = None  # (G, 3)
         self.seen: list[bool] = []
-        self.pending: list[Tensor] = []  # forecast positions (G, 2) for the next observations, oldest first
 
     def start(self, features: Tensor, colour: Tensor, slots: list[int]) -> None:
         """Track the objects now in `slots` (G,), from this frame's features (K, F) and colours (K, 3)."""
         self.slots = [int(k) for k in slots]
         self.memory = features[self.slots].clone()
-        self.colour = colour[self.slots].clone()
+        self.chroma = chromaticity(colour[self.slots])
         self.seen = [True] * len(self.slots)
-        self.pending = []
-
-    def forecast(self, positions: list[Tensor]) -> None:
-        """Where the tracks should be at the next observations, (G, 2) each (from the executed plan)."""
-        self.pending = list(positions)
 
     def __call__(self, features: Tensor, colour: Tensor, pixels: Tensor) -> Tensor:
         """One frame's features (K, F), colours (K, 3), pixels (K,) -> features with each track in its slot."""
         if self.memory is None:
             return features.clone()
-        guess = self.pending.pop(0) if self.pending else None
-        centre = features[:, -5:-3]
+        centre, chroma = features[:, -5:-3], chromaticity(colour)
         order = torch.arange(len(features))  # the output is features[order]
         taken: set[int] = set()  # slots of this frame already matched to a track
         remembered: dict[int, Tensor] = {}  # home slot -> memory of an unseen track
         for g, home in enumerate(self.slots):
-            last = self.memory[g, -5:-3] if guess is None else guess[g]
-            score = ((centre - last).norm(dim=-1) / self.pos_scale_m
-                     + (colour - self.colour[g]).norm(dim=-1) / self.colour_scale)
+            score = ((centre - self.memory[g, -5:-3]).norm(dim=-1) / self.pos_scale_m
+                     + (chroma - self.chroma[g]).norm(dim=-1) / self.colour_scale)
             score = torch.where(pixels >= self.min_pixels, score, torch.full_like(score, float("inf")))
             for k in taken:
                 score[k] = float("inf")
@@ -322,12 +407,9 @@ class SlotTracker:
             if self.seen[g]:
                 taken.add(k)
                 self.memory[g] = features[k]
-                self.colour[g] = 0.9 * self.colour[g] + 0.1 * colour[k]
                 at = int((order == k).nonzero())  # where slot k's features are now
                 order[[home, at]] = order[[at, home]]
             else:
-                if guess is not None:
-                    self.memory[g, -5:-3] = guess[g]
                 remembered[home] = self.memory[g].clone()
         out = features[order]
         for home, feats in remembered.items():
@@ -345,19 +427,21 @@ class LatentPlanner:
         `info` as the task's specification (as a benchmark hands it over); the box's slot is the one
         whose probed position is nearest to the box, and from then on the slot is followed by its
         identity. Or call `set_goal_state(targets, slots)` yourself. With `track` (the default) a
-        `SlotTracker` keeps each box in its slot when the encoder hands it to another, and remembers it,
-        moved as the plans forecast, while it is out of view.
+        `SlotTracker` keeps each box in its slot when the encoder hands it to another, and remembers it
+        where it was last seen while it is out of view. With `phases` (the default) the
+        `PositionGoalCost` is told before each replan whether the robot is still approaching or pushing.
     goal = "observation": call `set_goal_observation(obs)` (an observation of the goal scene)."""
 
     def __init__(self, encoder: torch.nn.Module, predictor: CausalJEPAPredictor, cfg: PlannerConfig | None = None,
-                 goal: str = "state", device: str | torch.device = "cpu", track: bool = True) -> None:
+                 goal: str = "state", device: str | torch.device = "cpu", track: bool = True,
+                 phases: bool = True) -> None:
         if goal not in ("state", "observation"):
             raise ValueError(f"goal must be 'state' or 'observation'; got {goal!r}")
         self.encoder, self.predictor = encoder.eval(), predictor.eval()
         self.cfg = cfg or PlannerConfig()
         self.planner = make_planner(self.cfg)
         self.goal_mode, self.device = goal, torch.device(device)
-        self.track = track
+        self.track, self.phases = track, phases
         self.cost: Callable[[Rollout], Tensor] | None = None
         self._goal_states: Tensor | None = None
         self._reset_buffers()
@@ -483,6 +567,10 @@ class LatentPlanner:
             return Rollout(states=r.states[0], robot=r.robot[0], slot_dim=r.slot_dim)
 
         t0 = time.perf_counter()
+        if isinstance(self.cost, PositionGoalCost) and self.phases:
+            pos, _ = self.predictor.probe(hist["features"][0, -1])
+            robot = robot_from_camera(hist["cam_pose"][0, -1], hist["proprio"][0, -1])
+            self.cost.update_phase(pos[self.cost.slots], robot)
         result = self.planner.plan(rollout_fn, self.cost, self.warm)
         self.replan_seconds.append(time.perf_counter() - t0)
         self.last_plan = result
@@ -490,14 +578,11 @@ class LatentPlanner:
         self.warm = torch.cat([result.actions[ex:], result.actions[-1:].expand(ex, -1)], 0)
         chunk = result.actions[:ex].repeat_interleave(pc.frameskip, 0)
         self.queue = [a.numpy().astype(np.float32) for a in chunk]
-        if self.tracker is not None and self.tracker.slots:  # where the boxes go under what is now executed
-            pos = rollout_fn(result.actions[None]).positions[0, :ex, self.tracker.slots]  # (ex, G, 2)
-            self.tracker.forecast([pos[j // pc.frameskip] for j in range(ex * pc.frameskip)])
 
 
 def make_latent_planner(predictor: str | None = None, encoder: str | None = None, goal: str = "state",
                         device: str = "cpu", checkpoint: str | None = None, threads: int = 0,
-                        track: bool = True, **planner: Any) -> LatentPlanner:
+                        track: bool = True, phases: bool = True, **planner: Any) -> LatentPlanner:
     """A `LatentPlanner` from checkpoint directories (a Hydra `_target_` for sim's evaluation and viewer);
     the encoder defaults to the one the predictor was trained on. `checkpoint` is another name for
     `predictor` (the key `ego-view` checks for existence before building a controller). `threads` > 0
@@ -520,4 +605,5 @@ def make_latent_planner(predictor: str | None = None, encoder: str | None = None
         raise ValueError(f"the predictor {predictor} was trained on the encoder {encoder!r}, which does not exist "
                          f"here; pass encoder=<encoder checkpoint directory>")
     enc = load_encoder(encoder, device)
-    return LatentPlanner(enc, model, PlannerConfig(**planner), goal=goal, device=device, track=track)
+    return LatentPlanner(enc, model, PlannerConfig(**planner), goal=goal, device=device, track=track,
+                         phases=phases)

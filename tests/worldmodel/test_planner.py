@@ -15,6 +15,7 @@ from worldmodel.planner import (
     PositionGoalCost,
     SlotGoalCost,
     SlotTracker,
+    around_disc,
     make_planner,
     match_slots,
 )
@@ -150,11 +151,63 @@ def test_pre_push_cost_prefers_the_pusher_behind_the_box():
     c = cost(Rollout(states=states, robot=robots.view(3, 1, 6), slot_dim=12))
     assert c[0] == pytest.approx(0.5, abs=1e-4)  # only the box's distance to its goal remains
     assert c[0] < c[1] < c[2]  # turned away costs the heading term; in front of the box, the way back round
-    states[..., 0, 12:14] = torch.tensor([0.98, 0.0])  # at its goal: no approach term
-    c = cost(Rollout(states=states, robot=robots.view(3, 1, 6), slot_dim=12))
+    states[..., 0, 12:14] = torch.tensor([0.98, 0.0])  # at its goal: no approach term...
+    no_look = PositionGoalCost(torch.tensor([[1.0, 0.0]]), [0], num_slots=k, approach_weight=1.0, running_weight=0.0,
+                               look_m=0.0)
+    c = no_look(Rollout(states=states, robot=robots.view(3, 1, 6), slot_dim=12))
     torch.testing.assert_close(c, torch.full((3,), 0.02), atol=1e-4, rtol=0)
+    # ... but a look term: the robot standing look_m from the box, facing it, is where it is best seen
+    lookers = torch.stack([robot(0.98 - cost.look_m, 0.0, 0.0), robot(0.98 - 0.1, 0.0, 0.0),
+                           robot(0.98 - cost.look_m, 0.0, np.pi)])
+    c = cost(Rollout(states=states, robot=lookers.view(3, 1, 6), slot_dim=12))
+    assert c[0] == pytest.approx(0.02, abs=1e-4) and c[0] < c[1] and c[0] < c[2]
     with pytest.raises(ValueError, match="approach"):
         PositionGoalCost(torch.zeros(1, 2), [0], num_slots=k, approach="around")
+
+
+def test_around_disc_against_hand_computed_paths():
+    """Straight when the segment clears the disc; else two tangents and the arc between them."""
+    c, r = torch.zeros(2), 0.5
+    p, q = torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 0.0])
+    wrapped = 2 * np.sqrt(1 - r ** 2) + r * (np.pi - 2 * np.arccos(r))  # tangents 0.866 each, arc pi/3 x 0.5
+    assert float(around_disc(p, q, c, r)) == pytest.approx(wrapped, abs=1e-5)
+    assert float(around_disc(p, torch.tensor([0.0, 1.0]), c, r)) == pytest.approx(np.sqrt(2), abs=1e-5)
+    assert float(around_disc(torch.tensor([-1.0, 1.0]), torch.tensor([1.0, 1.0]), c, r)) == pytest.approx(2.0)
+    # from inside the disc: out radially first (0.3), then round
+    from_rim = np.sqrt(1 - r ** 2) + r * (np.pi - np.arccos(r))
+    assert float(around_disc(torch.tensor([-0.2, 0.0]), q, c, r)) == pytest.approx(0.3 + from_rim, abs=1e-5)
+
+
+def test_approach_phase_earns_nothing_from_imagined_pushes_and_engages_behind_the_box():
+    """Approaching, a forecast move of the box towards its goal does not lower the cost (a move away
+    raises it); the pusher at the push point, facing the goal, engages the full cost; it is released
+    only once the pusher is release_m away. From the goal's side the way round the box is charged."""
+    from sim.env import PUSHER_OFFSET
+
+    k = 4
+    cost = PositionGoalCost(torch.tensor([[1.0, 0.0]]), [0], num_slots=k, running_weight=0.0)
+
+    def robot(x, y, yaw):
+        return torch.tensor([x, y, np.cos(yaw), np.sin(yaw), 0.0, 0.0], dtype=torch.float32)
+
+    box = torch.tensor([[0.5, 0.0]])
+    far = robot(0.0, 0.5, 0.0)
+    assert not cost.update_phase(box, far)
+    states = torch.zeros(3, 1, k, 18)
+    states[:, 0, 0, 12:14] = torch.tensor([[0.5, 0.0], [0.7, 0.0], [0.3, 0.0]])  # stays, pushed on, pushed back
+    c = cost(Rollout(states=states, robot=far.expand(3, 1, 6), slot_dim=12))
+    assert c[1] >= c[0] - 0.05  # no reward for the imagined push (its push point also moved away)
+    assert c[2] > c[0] + 0.1  # the box pushed 0.2 m back from its goal costs (less its push point now nearer)
+    at_point = robot(0.5 - cost.standoff - PUSHER_OFFSET, 0.0, 0.0)
+    assert cost.update_phase(box, at_point)
+    c = cost(Rollout(states=states, robot=at_point.expand(3, 1, 6), slot_dim=12))
+    assert c[1] < c[0] < c[2]  # pushing: progress counts
+    assert cost.update_phase(box, robot(0.5 - cost.standoff - PUSHER_OFFSET - 0.05, 0.0, 0.0))  # still within release
+    assert not cost.update_phase(box, far)
+    # in front of the box (the goal's side) is further than beside it, by the way round
+    front = cost.approach_gap(box, robot(0.8 - PUSHER_OFFSET, 0.0, np.pi))[0]
+    side = cost.approach_gap(box, robot(0.5 - PUSHER_OFFSET, 0.25, 0.0))[0]
+    assert float(front) > float(side) + 0.1
 
 
 def test_slot_tracker_keeps_a_handed_over_object_in_its_slot_and_remembers_it():
@@ -174,20 +227,28 @@ def test_slot_tracker_keeps_a_handed_over_object_in_its_slot_and_remembers_it():
     torch.testing.assert_close(out[1], handed[3])
     torch.testing.assert_close(out[3], handed[1])
     assert tracker.seen == [True]
-    # out of view (no pixels): slot 1 holds the memory, moved where the plan forecast it
-    tracker.forecast([torch.tensor([[1.2, 0.1]])])
+    # out of view (no pixels): slot 1 holds the memory, where the object was last seen
     gone = pixels.clone()
     gone[3] = 0
     out = tracker(handed, colour[[0, 3, 2, 1]], gone)
     assert tracker.seen == [False]
-    torch.testing.assert_close(out[1, :4], handed[3, :4])
-    torch.testing.assert_close(out[1, -5:-3], torch.tensor([1.2, 0.1]))
-    # a red thing far from where the object should be is not it
+    torch.testing.assert_close(out[1], handed[3])
+    # a red thing far from where the object was is not it
     far = handed.clone()
     far[3, -5:-3] = torch.tensor([-1.0, -1.0])
     out = tracker(far, colour[[0, 3, 2, 1]], pixels)
     assert tracker.seen == [False]
-    torch.testing.assert_close(out[1, -5:-3], torch.tensor([1.2, 0.1]))
+    torch.testing.assert_close(out[1, -5:-3], handed[3, -5:-3])
+    # an orange thing where it was is not it either; the red object in shade is
+    near = handed.clone()
+    tinted = colour[[0, 3, 2, 1]].clone()
+    tinted[3] = torch.tensor([0.9, 0.45, 0.1])
+    tracker(near, tinted, pixels)
+    assert tracker.seen == [False]
+    tinted[3] = torch.tensor([0.45, 0.05, 0.05])
+    out = tracker(near, tinted, pixels)
+    assert tracker.seen == [True]
+    torch.testing.assert_close(out[1], near[3])
 
 
 def test_slot_tracker_keeps_two_objects_apart_when_both_are_handed_over():
