@@ -169,7 +169,7 @@ def main() -> None:
             target = {"_target_": "worldmodel.planner.make_latent_planner", "predictor": str(ckpt), "threads": 1,
                       **planner_kw}
             res = evaluate(target, "single", "easy", episodes=episodes, seed=1000, workers=args.planning_workers,
-                           max_steps=30 if quick else None, progress=False)
+                           max_steps=30 if quick else None)
             emit(BENCH, "planning_success_rate", res["success_rate"], "fraction", ci95=[res["ci95_low"],
                  res["ci95_high"]], episodes=episodes, mean_length=res["mean_length"], wall_s=res["wall_s"],
                  target=0.80, planner=planner_kw, **common)
