@@ -15,7 +15,8 @@ of chosen objects; cost on the slots' probed positions).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -278,8 +279,8 @@ class PositionGoalCost:
         self.start_err: Tensor | None = None  # (G,) each box's distance to its target at the last update_phase
 
     def approach_gap(self, pos: Tensor, robot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Box positions (..., G, 2) and robot states (..., 6) -> the pusher's way to each box's push
-        point (..., G) (inf for a box at its target), the cosine of the robot's heading against each
+        """Box positions (..., G, 2) and robot states (..., 6) -> the robot's way to where it pushes each
+        box (..., G) (inf for a box at its target), the cosine of the robot's heading against each
         box's push line (..., G), and each box's distance to its target (..., G)."""
         to_goal = self.targets.to(pos.device) - pos
         err = to_goal.norm(dim=-1)
@@ -470,7 +471,8 @@ class LatentPlanner:
 
     @torch.no_grad()
     def set_goal_observation(self, obs: dict[str, np.ndarray]) -> None:
-        out, _ = self.encoder.step(*self._frame(obs))
+        with self._seeded():
+            out, _ = self.encoder.step(*self._frame(obs))
         self._goal_states = self.predictor.encode_states(out.features)[0, 0]  # (K, Z)
         self.cost = None
 
@@ -489,7 +491,8 @@ class LatentPlanner:
     def reset(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> None:
         self._reset_buffers()
         self.planner.reset()
-        self._observe(obs)
+        with self._seeded():
+            self._observe(obs)
         if self.goal_mode == "state" and info is not None and "goal" in info:
             goal = np.asarray(info["goal"], np.float32).reshape(-1, 2)
             pushable = [0] if len(goal) == 1 and not info.get("formation") else [1, 2, 3]
@@ -531,6 +534,14 @@ class LatentPlanner:
         proprio = obs.get("proprio")
         self.proprio.append(torch.zeros(4, device=self.device) if proprio is None
                             else torch.as_tensor(proprio, dtype=torch.float32, device=self.device))
+
+    @contextmanager
+    def _seeded(self) -> Iterator[None]:
+        """The encoder draws its slots' initialisation at a stream's first frame: from the planner's seed,
+        so that an episode is planned the same way every time, leaving torch's global generator as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            yield
 
     def _frame(self, obs: dict[str, np.ndarray]) -> tuple[Tensor, ...]:
         return tuple(torch.as_tensor(np.asarray(obs[k]), device=self.device).unsqueeze(0)
