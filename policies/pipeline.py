@@ -22,6 +22,7 @@ The stage options are the stage CLIs' own (`encoder`, `predictor`: `ego-train-wm
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -97,15 +98,30 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(extra)), resolve=True)
 
 
-def _timed(out: Path, name: str, run) -> Any:
-    """Run a stage and add its wall time to stages/times.json (summed over resumed runs)."""
+def _timed(out: Path, name: str, run, settings: dict[str, Any]) -> Any:
+    """Run a stage and record its wall time in stages/times.json: summed over runs of the same stage
+    settings (a resumed stage adds to its time), started afresh when they changed (a stage redone for
+    new settings does not count the old run's time)."""
     path = out / "stages" / "times.json"
     times = json.loads(path.read_text()) if path.is_file() else {}
+    kept = {k: v for k, v in settings.items() if k not in ("progress", "workers")}  # do not change the work
+    key = hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    entry = times.get(name)
+    if not isinstance(entry, dict):  # a times.json from before the settings were recorded: keep summing
+        entry = {"seconds": float(entry or 0.0), "settings": key}
+    if entry["settings"] != key:
+        entry = {"seconds": 0.0, "settings": key}
     t0 = time.perf_counter()
     result = run()
-    times[name] = round(times.get(name, 0.0) + time.perf_counter() - t0, 1)
+    times[name] = {"seconds": round(entry["seconds"] + time.perf_counter() - t0, 1), "settings": key}
     write_text(path, json.dumps(times, indent=1))
     return result
+
+
+def stage_seconds(out: Path) -> dict[str, float]:
+    """Each stage's wall time from stages/times.json."""
+    times = json.loads((out / "stages" / "times.json").read_text())
+    return {name: float(e["seconds"] if isinstance(e, dict) else e) for name, e in times.items()}
 
 
 def _check(cfg: PolicyPipelineConfig) -> None:
@@ -138,23 +154,24 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
     t_start = time.perf_counter()
 
     demos_path = out / "data" / "demos.zarr"
-    demos = _timed(out, "demos", lambda: collect(
-        out=str(demos_path), task=cfg.task, level=cfg.level, policy=cfg.demos.policy, episodes=cfg.demos.episodes,
-        seed=cfg.demos.seed, image_size=cfg.image_size, max_steps=cfg.max_steps, workers=cfg.workers,
-        only_success=cfg.demos.only_success, progress=cfg.progress))
+    demo_settings = dict(out=str(demos_path), task=cfg.task, level=cfg.level, policy=cfg.demos.policy,
+                         episodes=cfg.demos.episodes, seed=cfg.demos.seed, image_size=cfg.image_size,
+                         max_steps=cfg.max_steps, only_success=cfg.demos.only_success)
+    demos = _timed(out, "demos", lambda: collect(**demo_settings, workers=cfg.workers, progress=cfg.progress),
+                   demo_settings)
 
     wm_data = {"root": str(out / "data" / "wm"), "image_size": cfg.image_size, "workers": cfg.workers}
     enc_dir, pred_dir, pol_dir = out / "wm_encoder", out / "wm_predictor", out / "policy"
     enc_cfg = _merge({"stage": "encoder", "out": str(enc_dir), "progress": cfg.progress, "data": wm_data,
                       "train": {"device": cfg.train_device}}, cfg.encoder)
-    _timed(out, "encoder", lambda: train_wm(enc_cfg))
+    _timed(out, "encoder", lambda: train_wm(enc_cfg), enc_cfg)
     pred_cfg = _merge({"stage": "predictor", "out": str(pred_dir), "encoder": str(enc_dir), "progress": cfg.progress,
                        "data": wm_data, "predictor": {"device": cfg.train_device}}, cfg.predictor)
-    _timed(out, "predictor", lambda: train_wm(pred_cfg))
+    _timed(out, "predictor", lambda: train_wm(pred_cfg), pred_cfg)
     pol_cfg = _merge({"out": str(pol_dir), "encoder": str(enc_dir), "progress": cfg.progress,
                       "data": {"task": cfg.task, "level": cfg.level, "paths": [str(demos_path)]},
                       "train": {"device": cfg.train_device}}, cfg.policy)
-    policy = _timed(out, "policy", lambda: train_policy(pol_cfg))
+    policy = _timed(out, "policy", lambda: train_policy(pol_cfg), pol_cfg | {"demos": demo_settings})
 
     stamp = {"policy_step": [policy["diffusion_steps"], policy["distill_steps"]]}
     suites = {}
@@ -163,13 +180,14 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
                         workers=cfg.workers, max_steps=cfg.max_steps, out=str(out / "eval" / name),
                         progress=cfg.progress, n_action=s.n_action)
         suites[name] = _timed(out, f"eval_{name}", lambda st=settings, n=name: cached_stage(
-            out / "stages" / f"eval_{n}.json", st | stamp, lambda: run_eval(st)))
+            out / "stages" / f"eval_{n}.json", st | stamp, lambda: run_eval(st)), settings | stamp)
     video_settings = dict(task=cfg.task, level=cfg.level, episodes=1, seed=cfg.video_seed, max_steps=cfg.max_steps)
     target = {"_target_": "policies.controller.DiffusionPolicyController", "checkpoint": str(pol_dir),
               "task": cfg.task}
     video = _timed(out, "video", lambda: cached_stage(out / "stages" / "video.json", video_settings | stamp, lambda: evaluate(
-        target, **video_settings, workers=0, video_dir=out / "media", videos="all", progress=False)))
-    times = json.loads((out / "stages" / "times.json").read_text())
+        target, **video_settings, workers=0, video_dir=out / "media", videos="all", progress=False)),
+        video_settings | stamp)
+    times = stage_seconds(out)
     metrics = {
         "demos": {k: demos[k] for k in ("out", "dataset_episodes", "success_rate")},
         "encoder": _stage_summary(enc_dir), "predictor": _stage_summary(pred_dir),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from policies.pipeline import load_config, run_pipeline
+from policies.pipeline import _timed, load_config, run_pipeline, stage_seconds
 
 
 def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
@@ -36,6 +36,23 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
     assert (out / "policy" / "model.safetensors").stat().st_mtime == stamp
     assert again["evaluation"] == m["evaluation"]
     assert json.loads((out / "metrics.json").read_text())["evaluation"] == m["evaluation"]
+    assert set(again["stage_seconds"]) == set(m["stage_seconds"])
+    assert all(again["stage_seconds"][k] >= m["stage_seconds"][k] for k in m["stage_seconds"])  # resumes add
+
+
+def test_stage_times_add_up_over_resumes_and_restart_for_new_settings(tmp_path):
+    def work(seconds):
+        return lambda: time.sleep(seconds) or "done"
+
+    assert _timed(tmp_path, "train", work(0.2), {"steps": 10, "progress": True}) == "done"
+    _timed(tmp_path, "train", work(0.2), {"steps": 10, "progress": False})  # the same work, resumed
+    assert stage_seconds(tmp_path)["train"] == pytest.approx(0.4, abs=0.1)
+    _timed(tmp_path, "train", work(0.1), {"steps": 20})  # redone for new settings: the old run does not count
+    assert stage_seconds(tmp_path)["train"] == pytest.approx(0.1, abs=0.05)
+    # a times.json written before the settings were recorded keeps adding up
+    (tmp_path / "stages" / "times.json").write_text(json.dumps({"old": 5.0}))
+    _timed(tmp_path, "old", work(0.0), {"steps": 1})
+    assert stage_seconds(tmp_path)["old"] == pytest.approx(5.0, abs=0.05)
 
 
 def test_yaml_defaults_match_the_dataclass_and_the_cpu_budget():
