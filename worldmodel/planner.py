@@ -234,7 +234,8 @@ class PositionGoalCost:
             clearance and 30 degrees of the line), plus `heading_weight` x (1 - cos) of the robot's
             heading against that line within `heading_range` m of the spot (measured at the axle,
             turning in place costs no distance, so the plan can line up);
-        approach = "nearest": the box itself (the nearest box not yet at its target).
+        approach = "nearest": the box itself (the pusher's distance to `standoff` m from the nearest box
+            not yet at its target; any heading).
 
     Both terms drop for a box within `done_m` of its target. Once every box is (as far as the robot
     can tell: a box close under the camera is seen worst), the approach term becomes a look term: the
@@ -286,7 +287,8 @@ class PositionGoalCost:
         err = to_goal.norm(dim=-1)
         if self.approach == "nearest":
             pusher = (robot[..., :2] + PUSHER_OFFSET * robot[..., 2:4]).unsqueeze(-2)  # (..., 1, 2)
-            gap, cos = (pos - pusher).norm(dim=-1), torch.ones_like(err)
+            gap = ((pos - pusher).norm(dim=-1) - self.standoff).clamp(min=0)  # 0 with the pusher at a face
+            cos = torch.ones_like(err)
         else:
             line = to_goal / err.unsqueeze(-1).clamp(min=1e-6)
             axle = robot[..., :2].unsqueeze(-2)  # (..., 1, 2): turning in place does not change the gap

@@ -205,6 +205,9 @@ def test_approach_phase_earns_nothing_from_imagined_pushes_and_engages_behind_th
     assert cost.update_phase(box, robot(0.5 - cost.standoff - PUSHER_OFFSET - 0.05, 0.0, 0.0))  # still within release
     assert not cost.update_phase(box, far)
     # in front of the box (the goal's side) is further than beside it, by the way round
+    nearest = PositionGoalCost(torch.tensor([[1.0, 0.0]]), [0], num_slots=k, approach="nearest")
+    assert not nearest.update_phase(box, far)
+    assert nearest.update_phase(box, robot(0.5, -cost.standoff - PUSHER_OFFSET, np.pi / 2))  # at a side face: any will do
     front = cost.approach_gap(box, robot(0.8 - PUSHER_OFFSET, 0.0, np.pi))[0]
     side = cost.approach_gap(box, robot(0.5 - PUSHER_OFFSET, 0.25, 0.0))[0]
     assert float(front) > float(side) + 0.1
