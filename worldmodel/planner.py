@@ -256,7 +256,7 @@ class PositionGoalCost:
                  approach_weight: float = 0.5, approach: str = "behind", standoff: float = 0.07,
                  heading_weight: float = 0.1, done_m: float = 0.03, clearance: float = 0.18,
                  heading_range: float = 0.15, engage_m: float = 0.04, engage_cos: float = 0.9,
-                 release_m: float = 0.10, look_m: float = 0.4) -> None:
+                 release_m: float = 0.20, look_m: float = 0.4) -> None:
         targets = torch.as_tensor(targets, dtype=torch.float32)
         slots = torch.as_tensor(slots, dtype=torch.long).flatten()
         if targets.dim() != 2 or targets.shape[1] != 2 or targets.shape[0] < 1:
