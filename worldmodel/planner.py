@@ -541,7 +541,8 @@ class LatentPlanner:
     def _seeded(self) -> Iterator[None]:
         """The encoder draws its slots' initialisation at a stream's first frame: from the planner's seed,
         so that an episode is planned the same way every time, leaving torch's global generator as it was."""
-        with torch.random.fork_rng(devices=[]):
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(self.cfg.seed)
             yield
 
