@@ -1,7 +1,7 @@
 """World-model predictor figures on held-out episodes (issue: world model part 2).
 
     python benchmarks/wm_predictor.py [--checkpoint DIR [DIR ...]] [--quick]
-        [--counterfactual-seeds N] [--planning-episodes N] [--planner KEY=VALUE ...]
+        [--counterfactual-seeds N] [--planning-episodes N] [--planning-seed S] [--planner KEY=VALUE ...]
 
 With no checkpoint it trains the default encoder (`ego-train-wm stage=encoder`, collecting its data)
 into runs/wm_encoder and the default predictor on it into runs/wm_predictor, where they are missing,
@@ -18,7 +18,7 @@ figure carries field `variant` (from the checkpoint's config: full, no_masking, 
   scenes where the expert is about to push the box, changed in the simulator before the same
   commands are replayed in the simulator and in the model (`worldmodel.counterfactual`); the error
   is on the changed objects.
-- `planning_success_rate` (Single easy, seeds from 1000, Wilson interval) and
+- `planning_success_rate` (Single easy, seeds from `--planning-seed`, 1000 by default, Wilson interval) and
   `planning_s_per_replan` (median wall time of a replan, one thread, the first evaluation episodes
   run in this process) of the `LatentPlanner` on the first checkpoint; `--planning-episodes 0`
   skips them.
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--counterfactual-seeds", type=int, default=300,
                         help="scenes tried (seeds from 300 000); about 1 in 3 has the expert pushing from view")
     parser.add_argument("--planning-episodes", type=int, default=50)
+    parser.add_argument("--planning-seed", type=int, default=1000, help="first evaluation seed (episodes seed, seed+1, ...)")
     parser.add_argument("--planning-workers", type=int, default=2)
     parser.add_argument("--planner", nargs="*", default=[],
                         help="PlannerConfig overrides, e.g. samples=128 (defaults: its CPU defaults)")
@@ -168,10 +169,11 @@ def main() -> None:
             episodes = 2 if quick else args.planning_episodes
             target = {"_target_": "worldmodel.planner.make_latent_planner", "predictor": str(ckpt), "threads": 1,
                       **planner_kw}
-            res = evaluate(target, "single", "easy", episodes=episodes, seed=1000, workers=args.planning_workers,
+            res = evaluate(target, "single", "easy", episodes=episodes, seed=args.planning_seed, workers=args.planning_workers,
                            max_steps=30 if quick else None)
             emit(BENCH, "planning_success_rate", res["success_rate"], "fraction", ci95=[res["ci95_low"],
-                 res["ci95_high"]], episodes=episodes, mean_length=res["mean_length"], wall_s=res["wall_s"],
+                 res["ci95_high"]], episodes=episodes, seed=args.planning_seed, mean_length=res["mean_length"],
+                 wall_s=res["wall_s"],
                  target=0.80, planner=planner_kw, **common)
             emit(BENCH, "planning_s_per_replan", replan_seconds(ckpt, planner_kw, 10 if quick else 60), "s",
                  threads=1, target=0.5, planner=planner_kw, **common)
