@@ -13,8 +13,8 @@ the episode's first frame, so an evaluation gives the same result whichever work
 
 World-model-guided selection (`select=K`, `predictor=DIR`, in the manner of GPC): each time a chunk
 is due, K chunks are sampled in one batch, the C-JEPA predictor rolls each out from the recent
-slot history (batched over the candidates), and the chunk whose predicted box positions end
-nearest to the goal is executed. The goal comes as the latent planner takes it: the goal
+slot history (batched over the candidates) and scores it with the latent planner's goal cost (its
+phase set as a replan would: `LatentPlanner.score`), and the best chunk is executed. The goal comes as the latent planner takes it: the goal
 positions and which slot holds the box are read from the task's `info` at reset (the task's
 specification, as a benchmark hands it over; the policy network itself reads nothing privileged).
 """
@@ -150,19 +150,10 @@ class DiffusionPolicyController:
 
     @torch.no_grad()
     def _select(self) -> np.ndarray:
-        """The best of `select` sampled chunks by the predictor's forecast of the goal cost."""
+        """The best of `select` sampled chunks by the predictor's forecast of the goal cost (the latent
+        planner's cost, in the phase the planner would be in now)."""
         chunks = self.sample_chunks(self.select)  # (N, Tp, 2)
-        sel = self.selector
-        fs = sel.predictor.cfg.frameskip
-        start = self.policy.cfg.n_obs - 1
-        future = chunks[:, start:]
-        future = future[:, :(future.shape[1] // fs) * fs]  # whole predictor frames
-        hist = sel.history()
-        from worldmodel.predictor import Rollout
-
-        r = sel.predictor.rollout(hist["features"], torch.as_tensor(future)[None], cam_pose=hist["cam_pose"],
-                                  proprio=hist["proprio"], past_actions=hist.get("past_actions"))
-        cost = sel.cost(Rollout(states=r.states[0], robot=r.robot[0], slot_dim=r.slot_dim))
+        cost = self.selector.score(chunks[:, self.policy.cfg.n_obs - 1:])
         best = int(torch.argmin(cost))
         self.last_selection = {"cost": cost.cpu().numpy(), "best": best}
         return chunks[best]

@@ -563,28 +563,51 @@ class LatentPlanner:
                                                for i in idx[:-1]])[None].to(self.device)
         return out
 
-    @torch.no_grad()
-    def _replan(self) -> None:
-        pc, cfg = self.predictor.cfg, self.cfg
-        hist = self.history()
+    def _prepare_cost(self, hist: dict[str, Tensor]) -> None:
+        """Make `self.cost` ready for candidates rolled out from `hist`: the goal observation's slots
+        matched to the current ones, or the goal-state cost's phase set from where things are now."""
         if self._goal_states is not None:
             current = self.predictor.encode_states(hist["features"][:, -1:])[0, 0]
-            order = match_slots(current, self._goal_states, self.predictor.slot_std, pc.slot_dim)
+            order = match_slots(current, self._goal_states, self.predictor.slot_std, self.predictor.cfg.slot_dim)
             self.cost = SlotGoalCost(self._goal_states, self.predictor, order)
         if self.cost is None:
             raise RuntimeError("no goal: reset with a goal in info, or call set_goal_state / set_goal_observation")
-
-        def rollout_fn(cand: Tensor) -> Rollout:  # (N, H, A) per predictor frame -> held for frameskip steps
-            env_actions = cand.to(self.device).repeat_interleave(pc.frameskip, 1)[None]
-            r = self.predictor.rollout(hist["features"], env_actions, cam_pose=hist["cam_pose"],
-                                       proprio=hist["proprio"], past_actions=hist.get("past_actions"))
-            return Rollout(states=r.states[0], robot=r.robot[0], slot_dim=r.slot_dim)
-
-        t0 = time.perf_counter()
         if isinstance(self.cost, PositionGoalCost) and self.phases:
             pos, _ = self.predictor.probe(hist["features"][0, -1])
             robot = robot_from_camera(hist["cam_pose"][0, -1], hist["proprio"][0, -1])
             self.cost.update_phase(pos[self.cost.slots], robot)
+
+    def _rollout(self, hist: dict[str, Tensor], env_actions: Tensor) -> Rollout:
+        """Roll candidates (N, T, 2) of env-step actions (T a multiple of frameskip) out from `hist`."""
+        r = self.predictor.rollout(hist["features"], env_actions.to(self.device)[None], cam_pose=hist["cam_pose"],
+                                   proprio=hist["proprio"], past_actions=hist.get("past_actions"))
+        return Rollout(states=r.states[0], robot=r.robot[0], slot_dim=r.slot_dim)
+
+    @torch.no_grad()
+    def score(self, env_actions: Tensor | np.ndarray) -> Tensor:
+        """The goal cost (N,) of candidate env-step action sequences (N, T, 2) from now, as a replan
+        would score them (the phase set first); T is cut to whole predictor frames. For choosing
+        among proposals from elsewhere (a policy's sampled chunks)."""
+        env_actions = torch.as_tensor(np.asarray(env_actions), dtype=torch.float32)
+        fs = self.predictor.cfg.frameskip
+        if env_actions.dim() != 3 or env_actions.shape[-1] != 2 or env_actions.shape[1] < fs:
+            raise ValueError(f"candidates must be (N, T >= {fs}, 2) env-step actions; got {tuple(env_actions.shape)}")
+        if not torch.isfinite(env_actions).all():
+            raise ValueError("candidate actions contain NaN or inf")
+        hist = self.history()
+        self._prepare_cost(hist)
+        return self.cost(self._rollout(hist, env_actions[:, :(env_actions.shape[1] // fs) * fs]))
+
+    @torch.no_grad()
+    def _replan(self) -> None:
+        pc, cfg = self.predictor.cfg, self.cfg
+        hist = self.history()
+
+        def rollout_fn(cand: Tensor) -> Rollout:  # (N, H, A) per predictor frame -> held for frameskip steps
+            return self._rollout(hist, cand.repeat_interleave(pc.frameskip, 1))
+
+        t0 = time.perf_counter()
+        self._prepare_cost(hist)
         result = self.planner.plan(rollout_fn, self.cost, self.warm)
         self.replan_seconds.append(time.perf_counter() - t0)
         self.last_plan = result

@@ -324,6 +324,16 @@ def test_latent_planner_drives_an_episode():
             assert ctrl.last_plan is not None and len(ctrl.features) == 5  # reset + 4 later observations
             hist = ctrl.history()
             assert hist["features"].shape == (1, 2, 4, 17) and hist["past_actions"].shape == (1, 1, 2, 2)
+        # scoring proposals from elsewhere (a policy's chunks): the replan's cost of the same candidates
+        cand = torch.rand(5, 5, 2) * 0.4 - 0.2  # 5 env steps: cut to the 2 whole predictor frames
+        cost = ctrl.score(cand)
+        assert cost.shape == (5,) and torch.isfinite(cost).all() and cost.std() > 0
+        rollout = ctrl._rollout(ctrl.history(), cand[:, :4])
+        torch.testing.assert_close(cost, ctrl.cost(rollout))
+        for bad, msg in ((cand[:, :1], "env-step actions"), (cand[..., :1], "env-step actions"),
+                         (cand.masked_fill(cand > 0.1, float("nan")), "NaN")):
+            with pytest.raises(ValueError, match=msg):
+                ctrl.score(bad)
         torch.testing.assert_close(first[0], first[1], rtol=0, atol=0)  # the same slots from the first frame
         np.testing.assert_array_equal(runs[0], runs[1])  # the same planner seed, the same actions
         # a goal observation instead of a goal state
