@@ -90,7 +90,14 @@ class DiffusionPolicyController:
 
             if not predictor:
                 raise ValueError("select > 0 needs predictor=<predictor checkpoint trained on this policy's encoder>")
-            self.selector = make_latent_planner(predictor, encoder=str(Path(checkpoint) / "encoder"), device=device)
+            # the selector streams the frames through the encoder its predictor was trained on (the policy's
+            # own, when that one is not here): a predictor can come from another run than the policy
+            from worldmodel.train_predictor import load_predictor
+
+            _, pconf = load_predictor(predictor, "cpu", with_config=True)
+            own = pconf.get("encoder")
+            sel_encoder = own if own and Path(own, "model.safetensors").exists() else str(Path(checkpoint) / "encoder")
+            self.selector = make_latent_planner(predictor, encoder=sel_encoder, device=device)
             self.last_selection: dict[str, Any] = {}
         self._history: deque = deque(maxlen=cfg.n_obs)
         self._buffer: list[np.ndarray] = []

@@ -28,6 +28,8 @@ from worldmodel.rope import GeometryRoPE, TokenGeometry, patch_geometry, to_anch
 
 DEPTH_SCALE_M = 4.0  # depth is fed to the network as metres / DEPTH_SCALE_M (the sim's far limit)
 ROPE_MODES = ("2d", "3d-world", "prope")
+CENTER_INPUTS = ("slot", "frame")
+MASK_SHAPE_DIM = 8  # per slot: share of its pixels on each image border, its bounding box
 
 
 @dataclass
@@ -55,6 +57,11 @@ class EncoderConfig:
     pixel_embed: int = 32  # width of per-pixel features that sharpen the alpha masks (0 = off)
     pixel_context: bool = True  # the per-pixel features also see the ViT's token features (which object is here)
     center_head: bool = True  # each slot estimates its object's centre behind the visible surface
+    # what the centre head reads: "slot" (the slot vector; it drifts over a long stream, so on a robot the
+    # estimate of a box close under the camera went 1 cm -> 7 cm off), or "frame" (this frame's evidence
+    # alone: the ViT features under the slot's attention, the shape of the mask it wins, where that lies;
+    # `ego-train-wm stage=center` refits a trained encoder's head on it)
+    center_inputs: str = "slot"
     fallback_depth_m: float = 4.0  # 3D point of a patch with no valid depth: on its centre ray at this depth
 
     def __post_init__(self) -> None:
@@ -68,6 +75,8 @@ class EncoderConfig:
             raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
         if self.context_frames < 1 or self.num_slots < 1:
             raise ValueError("context_frames and num_slots must be >= 1")
+        if self.center_inputs not in CENTER_INPUTS:
+            raise ValueError(f"center_inputs must be one of {CENTER_INPUTS}; got {self.center_inputs!r}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -256,22 +265,52 @@ class CenterHead(nn.Module):
     moved by a learned offset in the camera's planar frame: along the view direction (an object's
     centre lies behind its visible surface), across it (an object cut by the image border), and up.
     The offset is trained with the simulator's object positions; the frame makes it invariant to
-    where the robot is."""
+    where the robot is. It reads `in_dim` features per slot (see `ObjectCentricEncoder.center_evidence`)."""
 
-    def __init__(self, slot_dim: int, hidden: int = 128) -> None:
+    def __init__(self, in_dim: int, hidden: int = 128) -> None:
         super().__init__()
-        self.mlp = MLP(slot_dim + 1, hidden, 3)
+        self.mlp = MLP(in_dim, hidden, 3)
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, slots: Tensor, geometry: Tensor, pixels: Tensor) -> Tensor:
-        """slots (..., K, S), geometry (..., K, 5) visible centroid + direction, pixels (..., K) pixels
-        won -> (..., K, 5) centre estimate + direction. A slot that wins no pixel is left as it is."""
-        along, across, up = self.mlp(torch.cat([slots, torch.log1p(pixels).unsqueeze(-1) / 8], -1)).unbind(-1)
+    def forward(self, evidence: Tensor, geometry: Tensor, pixels: Tensor) -> Tensor:
+        """evidence (..., K, in_dim), geometry (..., K, 5) visible centroid + direction, pixels (..., K)
+        pixels won -> (..., K, 5) centre estimate + direction. A slot that wins no pixel is left as it is."""
+        along, across, up = self.mlp(evidence).unbind(-1)
         d = geometry[..., 3:5]
         shift = torch.stack([along * d[..., 0] - across * d[..., 1], along * d[..., 1] + across * d[..., 0], up], -1)
         centre = geometry[..., :3] + shift * (pixels > 0).unsqueeze(-1).to(shift.dtype)
         return torch.cat([centre, d], -1)
+
+
+def mask_shape(won: Tensor) -> Tensor:
+    """Per slot, from the hard masks won (B, T, K, H, W): the share of its pixels in the image's bottom
+    row, top row, left and right column (an object cut there is bigger than it looks), and its bounding
+    box (top, bottom, left, right in [0, 1]) -> (B, T, K, 8); zeros for a slot that wins nothing."""
+    h, w = won.shape[-2:]
+    won = won.float()
+    count = won.sum((-1, -2)).clamp(min=1.0)
+    rows, cols = won.amax(-1), won.amax(-2)  # (B, T, K, H), (B, T, K, W): rows / columns it touches
+    border = torch.stack([won[..., -1, :].sum(-1), won[..., 0, :].sum(-1), won[..., :, 0].sum(-1),
+                          won[..., :, -1].sum(-1)], -1) / count.unsqueeze(-1)
+    ih = torch.arange(h, device=won.device, dtype=won.dtype) / max(h - 1, 1)
+    iw = torch.arange(w, device=won.device, dtype=won.dtype) / max(w - 1, 1)
+    top = torch.where(rows > 0, ih, torch.ones_like(ih)).amin(-1)
+    bottom = (rows * ih).amax(-1)
+    left = torch.where(cols > 0, iw, torch.ones_like(iw)).amin(-1)
+    right = (cols * iw).amax(-1)
+    box = torch.stack([top, bottom, left, right], -1) * (rows.amax(-1) > 0).unsqueeze(-1).to(won.dtype)
+    return torch.cat([border, box], -1)
+
+
+def camera_planar(points: Tensor, cam_pose: Tensor) -> Tensor:
+    """World points (B, T, K, 3) -> (forward, left, up) metres from the camera (B, T, 4, 4), forward along
+    its optical axis projected on the floor."""
+    rel = points - cam_pose[..., None, :3, 3]
+    fwd = cam_pose[..., :2, 2]
+    fwd = fwd / fwd.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    f, l = fwd[..., None, 0], fwd[..., None, 1]
+    return torch.stack([rel[..., 0] * f + rel[..., 1] * l, -rel[..., 0] * l + rel[..., 1] * f, rel[..., 2]], -1)
 
 
 @dataclass
@@ -306,7 +345,8 @@ class ObjectCentricEncoder(nn.Module):
         self.slot_init_logsigma = nn.Parameter(torch.full((1, 1, cfg.slot_dim), -1.0))
         self.transition = SlotTransition(cfg.slot_dim)
         self.decoder = SlotDecoder(cfg)
-        self.center = CenterHead(cfg.slot_dim) if cfg.center_head else None
+        evidence = cfg.slot_dim if cfg.center_inputs == "slot" else cfg.dim + MASK_SHAPE_DIM + 3
+        self.center = CenterHead(evidence + 1) if cfg.center_head else None
 
     def set_sparse(self, sparse: bool) -> None:
         """Switch every ViT attention layer between dense and block-sparse (same weights)."""
@@ -406,11 +446,27 @@ class ObjectCentricEncoder(nn.Module):
         recon = (masks.unsqueeze(3) * rgbd).sum(2)
         won = F.one_hot(masks.argmax(2), k).permute(0, 1, 4, 2, 3).float()  # (B, T, K, H, W) hard assignment
         centroid, pixels = mask_geometry(won, depth, intrinsics, cam_pose)
-        geometry = self.center(slots, centroid, pixels) if self.center is not None else centroid
+        if self.center is not None:
+            evidence = self.center_evidence(slots, weights, feats, won, centroid, pixels, cam_pose)
+            geometry = self.center(evidence, centroid, pixels)
+        else:
+            geometry = centroid
         rgb = (x_in[:, :, :3] * self.in_std[:3] + self.in_mean[:3]).unsqueeze(2)  # (B, T, 1, 3, H, W) in [0, 1]
         colour = (won.unsqueeze(3) * rgb).sum((-2, -1)) / won.sum((-2, -1)).unsqueeze(-1).clamp(min=1)
         return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon, attn=attn,
                              extras={"target": x_in, "pixels": pixels, "centroid": centroid, "colour": colour})
+
+    def center_evidence(self, slots: Tensor, weights: Tensor, feats: Tensor, won: Tensor, centroid: Tensor,
+                        pixels: Tensor, cam_pose: Tensor) -> Tensor:
+        """What the centre head reads per slot (B, T, K, E): the slot vector (`center_inputs="slot"`), or
+        this frame's evidence alone (`"frame"`): the ViT features under the slot's attention, the shape of
+        the mask it wins, and where its visible centroid lies from the camera; both with its pixel count."""
+        size = (torch.log1p(pixels) / 8).unsqueeze(-1)
+        if self.cfg.center_inputs == "slot":
+            return torch.cat([slots, size], -1)
+        pooled = torch.einsum("btkn,btnd->btkd", weights, feats)
+        where = camera_planar(centroid[..., :3], cam_pose) * (pixels > 0).unsqueeze(-1).to(pooled.dtype)
+        return torch.cat([pooled, mask_shape(won), where, size], -1)
 
     # -- streaming (robot) -----------------------------------------------------
 

@@ -3,6 +3,7 @@
     ego-train-wm stage=encoder                      # collects its data first if needed
     ego-train-wm stage=encoder model.rope=2d out=runs/wm_2d train.time_budget_min=20
     torchrun --nproc-per-node 2 --no-python ego-train-wm stage=encoder   # DDP (gloo on CPU, nccl on CUDA)
+    ego-train-wm stage=center encoder=runs/wm_encoder out=runs/wm_center   # refit the centre head (minutes)
 
 A run directory is a checkpoint (config.yaml, model.safetensors, stats.json, metrics.json) plus
 train_state.pt, tb/ (TensorBoard scalars), report.md and loss.png. Rerunning the same command
@@ -12,7 +13,7 @@ resumes from the last checkpoint; a finished run is left as it is.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from sim.collect import check_choice, to_config
 from worldmodel.checkpoint import load_state_strict, read_checkpoint, read_json, save_checkpoint
 from worldmodel.data import FRAME_KEYS, Clips
-from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
+from worldmodel.encoder import CENTER_INPUTS, EncoderConfig, ObjectCentricEncoder, config_dict
 from worldmodel.loop import finished, fit, restore
 from worldmodel.objectives import encoder_loss
 from worldmodel.train_predictor import PredictorStageConfig
 
-STAGES = ("encoder", "predictor")
+STAGES = ("encoder", "center", "predictor")
 
 
 @dataclass
@@ -90,6 +91,20 @@ class TrainConfig:
 
 
 @dataclass
+class CenterStageConfig:
+    """stage=center: refit the centre head of a trained encoder (`encoder=DIR`), everything else frozen,
+    on the same data and target (`center_loss`), for a head that reads other inputs
+    (`EncoderConfig.center_inputs`). The result is an encoder checkpoint like any other."""
+
+    inputs: str = "frame"  # EncoderConfig.center_inputs of the new head
+    steps: int = 800
+    lr: float = 1e-3
+    batch_size: int = 8
+    clip_len: int = 8  # frames per clip; slots (so masks) run on over the clip as on a robot
+    time_budget_min: float = 15.0
+
+
+@dataclass
 class WorldModelTrainConfig:
     """Options of `ego-train-wm` (defaults mirrored in worldmodel/conf/train_wm.yaml)."""
 
@@ -100,7 +115,8 @@ class WorldModelTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    encoder: str = "runs/wm_encoder"  # stage=predictor: the frozen encoder checkpoint it reads slots from
+    encoder: str = "runs/wm_encoder"  # stage=predictor / center: the frozen encoder checkpoint it starts from
+    center: CenterStageConfig = field(default_factory=CenterStageConfig)  # stage=center options
     predictor: PredictorStageConfig = field(default_factory=PredictorStageConfig)  # stage=predictor options
 
 
@@ -169,6 +185,8 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
         from worldmodel.train_predictor import train_predictor
 
         return train_predictor(cfg)
+    if cfg.stage == "center":
+        cfg = _center_stage(cfg)
     tc = cfg.train
     rank, world, dev = _dist_setup(tc.device)
     if tc.threads > 0:
@@ -195,9 +213,22 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
 
     # model, optimiser, resume
     state = _resume_state(out, cfg) if cfg.resume else None
-    stats = state["stats"] if state else clips.rgbd_stats(seed=tc.seed)
-    model = ObjectCentricEncoder(cfg.model, stats).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    if cfg.stage == "center":  # the trained encoder, a new head; only the head learns
+        _, base_weights, stats = read_checkpoint(cfg.encoder)
+        model = ObjectCentricEncoder(cfg.model, stats).to(dev)
+        kept = {k: v for k, v in base_weights.items() if not k.startswith("center.")}
+        missing, unexpected = model.load_state_dict(kept, strict=False)
+        if unexpected or any(not k.startswith("center.") for k in missing):
+            raise ValueError(f"{cfg.encoder}: weights do not fit its own config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("center."))
+        model.eval()  # frozen parts as at inference (no dropout); the head has none
+    else:
+        stats = state["stats"] if state else clips.rgbd_stats(seed=tc.seed)
+        model = ObjectCentricEncoder(cfg.model, stats).to(dev)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=tc.lr, weight_decay=tc.weight_decay)
     progress = restore(state, model, opt, out, dev)
     done = finished(progress, tc)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -216,7 +247,7 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
         save_checkpoint(out, model, resolved, stats, metrics, train_state={
             "optimizer": opt.state_dict(), "step": progress.step, "train_seconds": progress.train_s})
 
-    parts = fit(progress, tc, opt=opt, params=list(model.parameters()), loss_fn=loss_fn, save=save, tag=cfg.stage,
+    parts = fit(progress, tc, opt=opt, params=trained, loss_fn=loss_fn, save=save, tag=cfg.stage,
                 out=out, main=main, world=world, dev=dev, show_progress=cfg.progress)
     if world > 1:
         dist.barrier()
@@ -224,6 +255,30 @@ def train(config: WorldModelTrainConfig | DictConfig | dict | None = None, **ove
     if main and not done:
         write_report(out, cfg, metrics)
     return metrics
+
+
+def _center_stage(cfg: WorldModelTrainConfig) -> WorldModelTrainConfig:
+    """The config a center stage trains with: the encoder's own model config with the new head's inputs,
+    the centre target alone, the stage's schedule."""
+    cc = cfg.center
+    check_choice("center.inputs", cc.inputs, CENTER_INPUTS)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("stage=center runs in one process (it trains a small head); run it without torchrun")
+    if not (Path(cfg.encoder) / "model.safetensors").exists():
+        raise FileNotFoundError(f"stage=center refits the head of a trained encoder: no checkpoint in {cfg.encoder}")
+    base = read_checkpoint(cfg.encoder)[0]
+    if base.get("stage", "encoder") not in ("encoder", "center"):
+        raise ValueError(f"{cfg.encoder} is not an encoder checkpoint (stage {base.get('stage')!r})")
+    model = EncoderConfig(**(_with_defaults(base["model"]) | {"center_inputs": cc.inputs, "center_head": True}))
+    train_cfg = replace(cfg.train, steps=cc.steps, lr=cc.lr, batch_size=cc.batch_size, clip_len=cc.clip_len,
+                        time_budget_min=cc.time_budget_min, warmup=min(cfg.train.warmup, cc.steps // 10), stop_at=0,
+                        depth_weight=0.0, mask_weight=0.0, center_weight=1.0)
+    return replace(cfg, model=model, train=train_cfg)
+
+
+def _with_defaults(model: dict[str, Any]) -> dict[str, Any]:
+    """An encoder checkpoint's model config; those saved before `center_inputs` existed read the slot."""
+    return {"center_inputs": "slot"} | dict(model)
 
 
 def _resolved(cfg: WorldModelTrainConfig) -> dict[str, Any]:
@@ -250,9 +305,9 @@ def _resume_state(out: Path, cfg: WorldModelTrainConfig) -> dict[str, Any] | Non
 def load_encoder(directory: str | Path, device: str | torch.device = "cpu") -> ObjectCentricEncoder:
     """An `ObjectCentricEncoder` from a checkpoint directory, in eval mode."""
     config, weights, stats = read_checkpoint(directory)
-    if config.get("stage", "encoder") != "encoder" or "model" not in config:
+    if config.get("stage", "encoder") not in ("encoder", "center") or "model" not in config:
         raise ValueError(f"{directory} is not an encoder checkpoint (stage {config.get('stage')!r})")
-    model = ObjectCentricEncoder(EncoderConfig(**config["model"]), stats)
+    model = ObjectCentricEncoder(EncoderConfig(**_with_defaults(config["model"])), stats)
     load_state_strict(model, weights, directory)
     return model.to(device).eval()
 

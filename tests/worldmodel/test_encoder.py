@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from worldmodel.data import Clips
-from worldmodel.encoder import CenterHead, EncoderConfig, EncoderOutput, ObjectCentricEncoder
+from worldmodel.encoder import CenterHead, EncoderConfig, EncoderOutput, ObjectCentricEncoder, camera_planar, mask_shape
 from worldmodel.objectives import center_loss, edge_pixels, encoder_loss, mask_supervision_loss
 
 TINY = {"dim": 32, "layers": 2, "heads": 2, "slot_dim": 32, "decoder_hidden": 32, "num_slots": 5}
@@ -111,7 +111,7 @@ def test_boundary_weight_counts_edge_errors_more(clips):
 
 
 def test_center_head_moves_the_centroid_along_and_across_the_view_direction():
-    head = CenterHead(slot_dim=4)
+    head = CenterHead(4)  # reads 4 features per slot
     slots = torch.zeros(1, 2, 4)
     d = torch.tensor([0.6, 0.8])
     geometry = torch.tensor([[[1.0, 2.0, 0.05, *d], [0.5, 0.5, 0.0, 0.0, 0.0]]])
@@ -123,6 +123,46 @@ def test_center_head_moves_the_centroid_along_and_across_the_view_direction():
     expect = torch.tensor([1.0 + 0.1 * 0.6 - 0.02 * 0.8, 2.0 + 0.1 * 0.8 + 0.02 * 0.6, 0.04, *d])
     torch.testing.assert_close(out[0, 0], expect)
     torch.testing.assert_close(out[0, 1], geometry[0, 1])  # a slot with no pixels stays where it was
+
+
+def test_mask_shape_and_camera_planar_by_hand():
+    won = torch.zeros(1, 1, 3, 8, 8)
+    won[0, 0, 0, 6:8, 2:6] = 1  # 8 pixels on the bottom edge's two rows: 4 of them in the bottom row
+    won[0, 0, 1, 0:2, 0:1] = 1  # 2 pixels in the top-left corner: both in the left column, one in the top row
+    shape = mask_shape(won)[0, 0]
+    torch.testing.assert_close(shape[0], torch.tensor([0.5, 0.0, 0.0, 0.0, 6 / 7, 1.0, 2 / 7, 5 / 7]))
+    torch.testing.assert_close(shape[1], torch.tensor([0.0, 0.5, 1.0, 0.0, 0.0, 1 / 7, 0.0, 0.0]))
+    torch.testing.assert_close(shape[2], torch.zeros(8))  # wins nothing
+    a = 0.5  # the camera looks along (cos a, sin a) on the floor, tilted down
+    c, s_, tilt = np.cos(a), np.sin(a), 0.3
+    z = torch.tensor([c * np.cos(tilt), s_ * np.cos(tilt), -np.sin(tilt)], dtype=torch.float32)  # optical axis
+    x = torch.tensor([s_, -c, 0.0], dtype=torch.float32)  # image right
+    cam = torch.eye(4)
+    cam[:3, :3] = torch.stack([x, torch.linalg.cross(z, x), z], 1)
+    cam[:3, 3] = torch.tensor([1.0, 2.0, 0.3])
+    fwd = cam[:2, 2] / cam[:2, 2].norm()
+    left = torch.stack([-fwd[1], fwd[0]])
+    p = torch.tensor([1.0, 2.0, 0.3]) + torch.cat([0.4 * fwd + 0.1 * left, torch.tensor([-0.2])])
+    torch.testing.assert_close(camera_planar(p.view(1, 1, 1, 3), cam.view(1, 1, 4, 4))[0, 0, 0],
+                               torch.tensor([0.4, 0.1, -0.2]))
+
+
+def test_center_head_on_frame_evidence_streams_as_the_clip_forward(clips):
+    model = tiny(center_inputs="frame").eval()
+    with torch.no_grad():  # a head that moves the centroid, so that its inputs matter
+        for p in model.center.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    b = batch(clips, n=1, length=3)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        full = model(b["rgb"], b["depth"], b["intrinsics"], b["cam_pose"])
+        torch.manual_seed(3)
+        state, geometry = None, []
+        for t in range(3):
+            out, state = model.step(b["rgb"][:, t], b["depth"][:, t], b["intrinsics"][:, t], b["cam_pose"][:, t], state)
+            geometry.append(out.geometry[:, 0])
+    assert (full.geometry[..., :3] - full.extras["centroid"][..., :3]).abs().max() > 1e-3  # the head moved it
+    torch.testing.assert_close(torch.stack(geometry, 1), full.geometry, atol=1e-3, rtol=1e-3)
 
 
 def test_center_loss_is_zero_at_the_true_positions(clips):

@@ -64,6 +64,43 @@ def test_checkpoint_layout_reload_and_resume(tmp_path, wm_dataset):
     assert [h["step"] for h in hist] == [1, 2, 3, 4]
 
 
+def test_center_stage_refits_only_the_head_on_frame_evidence(tmp_path, wm_dataset):
+    base = tmp_path / "enc"
+    run_train(base, wm_dataset, steps=2)
+    config, weights, _ = read_checkpoint(base)
+    del config["model"]["center_inputs"]  # as saved before the option existed: the head read the slot
+    (base / "config.yaml").write_text(__import__("yaml").safe_dump(config))
+    assert load_encoder(base).cfg.center_inputs == "slot"
+    out = tmp_path / "center"
+    m = train(stage="center", encoder=str(base), out=str(out), progress=False, data={"paths": [wm_dataset]},
+              model=TINY_MODEL, train=TINY_TRAIN, center={"steps": 30, "lr": 3e-3, "batch_size": 4, "clip_len": 4})
+    assert m["step"] == 30
+    hist = [h["center"] for h in m["history"]]
+    assert np.mean(hist[-5:]) < np.mean(hist[:5])  # the head learns
+    new_config, new_weights, _ = read_checkpoint(out)
+    assert new_config["stage"] == "center" and new_config["encoder"] == str(base)
+    assert new_config["model"]["center_inputs"] == "frame"
+    for k, v in new_weights.items():  # everything but the head is the base encoder's, bit for bit
+        if not k.startswith("center."):
+            assert torch.equal(v, weights[k]), k
+    assert weights["center.mlp.0.weight"].shape != new_weights["center.mlp.0.weight"].shape  # other inputs
+    enc = load_encoder(out)
+    x = Clips.load([wm_dataset]).batch(np.array([0]), 3)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        y = enc(x["rgb"], x["depth"], x["intrinsics"], x["cam_pose"])
+        torch.manual_seed(0)
+        s, _ = enc.step(x["rgb"][:, 0], x["depth"][:, 0], x["intrinsics"][:, 0], x["cam_pose"][:, 0])
+    assert torch.isfinite(y.geometry).all()
+    torch.testing.assert_close(s.geometry[:, 0], y.geometry[:, 0], atol=1e-4, rtol=1e-4)  # streaming agrees
+    with pytest.raises(FileNotFoundError, match="trained encoder"):
+        train(stage="center", encoder=str(tmp_path / "none"), out=str(tmp_path / "c2"), progress=False,
+              data={"paths": [wm_dataset]})
+    with pytest.raises(ValueError, match="center.inputs"):
+        train(stage="center", encoder=str(base), out=str(tmp_path / "c3"), progress=False,
+              data={"paths": [wm_dataset]}, center={"inputs": "pixels"})
+
+
 def test_resume_refuses_a_different_model(tmp_path, wm_dataset):
     out = tmp_path / "run"
     run_train(out, wm_dataset, steps=1)
