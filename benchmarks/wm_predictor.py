@@ -21,7 +21,9 @@ figure carries field `variant` (from the checkpoint's config: full, no_masking, 
 - `planning_success_rate` (Single easy, seeds from `--planning-seed`, 1000 by default, Wilson interval) and
   `planning_s_per_replan` (median wall time of a replan, one thread, the first evaluation episodes
   run in this process) of the `LatentPlanner` on the first checkpoint; `--planning-episodes 0`
-  skips them.
+  skips them. `--planner encoder=DIR` plans through another encoder checkpoint than the one the
+  predictor was trained on (e.g. the same encoder with its centre head refitted, `stage=center`);
+  the figures then carry `encoder` (the one planned with) and `predictor_encoder`.
 
 --quick: tiny models and data, 2 episodes: proves the path works, not the targets.
 """
@@ -171,12 +173,15 @@ def main() -> None:
                       **planner_kw}
             res = evaluate(target, "single", "easy", episodes=episodes, seed=args.planning_seed, workers=args.planning_workers,
                            max_steps=30 if quick else None)
+            # `--planner encoder=DIR` plans through another encoder than the predictor was trained on
+            plan_common = common | {"encoder": str(planner_kw.get("encoder", common["encoder"])),
+                                    "predictor_encoder": common["encoder"]}
             emit(BENCH, "planning_success_rate", res["success_rate"], "fraction", ci95=[res["ci95_low"],
                  res["ci95_high"]], episodes=episodes, seed=args.planning_seed, mean_length=res["mean_length"],
                  wall_s=res["wall_s"],
-                 target=0.80, planner=planner_kw, **common)
+                 target=0.80, planner=planner_kw, **plan_common)
             emit(BENCH, "planning_s_per_replan", replan_seconds(ckpt, planner_kw, 10 if quick else 60), "s",
-                 threads=1, target=0.5, planner=planner_kw, **common)
+                 threads=1, target=0.5, planner=planner_kw, **plan_common)
 
 
 def measure_patch(args, config: dict, cache: dict, horizons: list[int], env: dict) -> None:
