@@ -3,9 +3,10 @@
     python benchmarks/wm_predictor.py [--checkpoint DIR [DIR ...]] [--quick]
         [--counterfactual-seeds N] [--planning-episodes N] [--planning-seed S] [--planner KEY=VALUE ...]
 
-With no checkpoint it trains the default encoder (`ego-train-wm stage=encoder`, collecting its data)
-into runs/wm_encoder and the default predictor on it into runs/wm_predictor, where they are missing,
-then measures. Several checkpoints (an ablation) are measured on the same held-out segments; each
+With no checkpoint it trains what is missing of the default chain, then measures: the encoder
+(`ego-train-wm stage=encoder`, collecting its data) into runs/wm_encoder, its centre head refitted on
+each frame's evidence (`stage=center`) into runs/wm_center, and the predictor on that into
+runs/wm_predictor. Several checkpoints (an ablation) are measured on the same held-out segments; each
 figure carries field `variant` (from the checkpoint's config: full, no_masking, no_physics, ...).
 
 - `pos_err_m`, field `horizon` (env steps, 0.1 s each): for each held-out segment (the encoder's
@@ -58,16 +59,22 @@ def default_checkpoints(quick: bool) -> list[str]:
         if not (Path(enc) / "model.safetensors").exists():
             train(out=enc, progress=False, data=data, train={"steps": 20, "log_every": 5, "ckpt_every": 10},
                   model={"layers": 2, "dim": 64, "slot_dim": 64, "decoder_hidden": 64})
+        center = "runs/wm_center_quick"
+        if not (Path(center) / "model.safetensors").exists():
+            train(stage="center", out=center, encoder=enc, progress=False, data=data,
+                  center={"steps": 10, "batch_size": 2, "clip_len": 4}, train={"log_every": 5, "ckpt_every": 10})
         if not (Path(pred) / "model.safetensors").exists():
-            train(stage="predictor", out=pred, encoder=enc, progress=False, data=data,
+            train(stage="predictor", out=pred, encoder=center, progress=False, data=data,
                   predictor={"steps": 20, "log_every": 5, "ckpt_every": 10, "batch_size": 4,
                              "model": {"dim": 32, "layers": 1, "heads": 2}})
         return [pred]
-    enc, pred = "runs/wm_encoder", "runs/wm_predictor"
+    enc, center, pred = "runs/wm_encoder", "runs/wm_center", "runs/wm_predictor"
     if not (Path(enc) / "model.safetensors").exists():
         train(out=enc)
+    if not (Path(center) / "model.safetensors").exists():  # the centre head refitted on each frame's evidence
+        train(stage="center", out=center, encoder=enc)
     if not (Path(pred) / "model.safetensors").exists():
-        train(stage="predictor", out=pred, encoder=enc)
+        train(stage="predictor", out=pred, encoder=center)
     return [pred]
 
 
