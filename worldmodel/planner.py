@@ -391,6 +391,15 @@ class SlotTracker:
         self.chroma = chromaticity(colour[self.slots])
         self.seen = [True] * len(self.slots)
 
+    def retarget(self, features: Tensor, colour: Tensor, slots: list[int | None]) -> None:
+        """Point each track (G,) at this frame's slot `slots[g]` (None: leave it), keeping its home slot:
+        the next call then matches exactly that slot (its position and colour) and moves it home."""
+        for g, k in enumerate(slots):
+            if k is None:
+                continue
+            self.memory[g] = features[k]
+            self.chroma[g] = chromaticity(colour[k])
+
     def __call__(self, features: Tensor, colour: Tensor, pixels: Tensor) -> Tensor:
         """One frame's features (K, F), colours (K, 3), pixels (K,) -> features with each track in its slot."""
         if self.memory is None:
@@ -433,11 +442,15 @@ class LatentPlanner:
         `SlotTracker` keeps each box in its slot when the encoder hands it to another, and remembers it
         where it was last seen while it is out of view. With `phases` (the default) the
         `PositionGoalCost` is told before each replan whether the robot is still approaching or pushing.
+        For the first `settle_steps` frames after reset each box's track is re-pointed at the slot
+        nearest to the box's given start position when that slot's centre is within `settle_m` of it:
+        a stream's first frames segment worst (slots start from noise), and a track started on a floor
+        slot beside the box follows the floor all episode.
     goal = "observation": call `set_goal_observation(obs)` (an observation of the goal scene)."""
 
     def __init__(self, encoder: torch.nn.Module, predictor: CausalJEPAPredictor, cfg: PlannerConfig | None = None,
                  goal: str = "state", device: str | torch.device = "cpu", track: bool = True,
-                 phases: bool = True) -> None:
+                 phases: bool = True, settle_steps: int = 8, settle_m: float = 0.10) -> None:
         if goal not in ("state", "observation"):
             raise ValueError(f"goal must be 'state' or 'observation'; got {goal!r}")
         self.encoder, self.predictor = encoder.eval(), predictor.eval()
@@ -445,6 +458,9 @@ class LatentPlanner:
         self.planner = make_planner(self.cfg)
         self.goal_mode, self.device = goal, torch.device(device)
         self.track, self.phases = track, phases
+        if settle_steps < 0 or settle_m < 0:
+            raise ValueError(f"settle_steps and settle_m must be >= 0; got {settle_steps}, {settle_m}")
+        self.settle_steps, self.settle_m = settle_steps, settle_m
         self.cost: Callable[[Rollout], Tensor] | None = None
         self._goal_states: Tensor | None = None
         self._reset_buffers()
@@ -461,6 +477,8 @@ class LatentPlanner:
         self.replan_seconds: list[float] = []  # wall time of each replan of this episode
         self.tracker = SlotTracker() if self.track else None
         self._raw: tuple[Tensor, Tensor] | None = None  # the last frame's raw features and colours
+        self._start_positions: np.ndarray | None = None  # (G, 2) the boxes' given start positions
+        self._settle_left = 0  # frames on which tracks are still re-pointed at the slot nearest to them
 
     # -- goals ---------------------------------------------------------------------
 
@@ -478,12 +496,15 @@ class LatentPlanner:
         self._goal_states = self.predictor.encode_states(out.features)[0, 0]  # (K, Z)
         self.cost = None
 
-    def slots_near(self, positions: np.ndarray) -> list[int]:
-        """The slot whose probed position is nearest to each of positions (G, 2), all different."""
-        if not self.features:
-            raise RuntimeError("no observation encoded yet: call reset(obs, info) first")
+    def slots_near(self, positions: np.ndarray, features: Tensor | None = None) -> list[int]:
+        """The slot whose probed position is nearest to each of positions (G, 2), all different, in
+        `features` (K, F) (default: the last frame's, as tracked)."""
+        if features is None:
+            if not self.features:
+                raise RuntimeError("no observation encoded yet: call reset(obs, info) first")
+            features = self.features[-1]
         with torch.no_grad():
-            pos, _ = self.predictor.probe(self.features[-1])
+            pos, _ = self.predictor.probe(features)
         d = torch.cdist(torch.as_tensor(np.asarray(positions, np.float32))[:, :2], pos.cpu())
         rows, cols = linear_sum_assignment(d.numpy())
         return [int(c) for _, c in sorted(zip(rows, cols))]
@@ -500,6 +521,7 @@ class LatentPlanner:
             pushable = [0] if len(goal) == 1 and not info.get("formation") else [1, 2, 3]
             boxes = np.asarray(info["object_poses"], np.float32)[pushable, :2]
             self.set_goal_state(goal, self.slots_near(boxes))
+            self._start_positions, self._settle_left = boxes, self.settle_steps
 
     def act(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> np.ndarray:
         if len(self.features) == len(self.executed):  # reset() already encoded the first observation
@@ -530,12 +552,23 @@ class LatentPlanner:
         if self.tracker is not None:
             colour, pixels = out.extras["colour"][0, 0].float(), out.extras["pixels"][0, 0]
             self._raw = (features, colour)
+            if self._settle_left > 0 and self.tracker.memory is not None:
+                self._settle_left -= 1
+                self._settle(features, colour)
             features = self.tracker(features, colour, pixels)
         self.features.append(features)
         self.cam_pose.append(torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device))
         proprio = obs.get("proprio")
         self.proprio.append(torch.zeros(4, device=self.device) if proprio is None
                             else torch.as_tensor(proprio, dtype=torch.float32, device=self.device))
+
+    def _settle(self, features: Tensor, colour: Tensor) -> None:
+        """Re-point each track at this frame's slot nearest to its box's start position, if within `settle_m`."""
+        slots = self.slots_near(self._start_positions, features)
+        with torch.no_grad():
+            pos = self.predictor.probe(features)[0][slots].cpu().numpy()
+        near = np.linalg.norm(pos - self._start_positions, axis=1) < self.settle_m
+        self.tracker.retarget(features, colour, [k if ok else None for k, ok in zip(slots, near)])
 
     @contextmanager
     def _seeded(self) -> Iterator[None]:
@@ -619,7 +652,8 @@ class LatentPlanner:
 
 def make_latent_planner(predictor: str | None = None, encoder: str | None = None, goal: str = "state",
                         device: str = "cpu", checkpoint: str | None = None, threads: int = 0,
-                        track: bool = True, phases: bool = True, **planner: Any) -> LatentPlanner:
+                        track: bool = True, phases: bool = True, settle_steps: int = 8,
+                        settle_m: float = 0.10, **planner: Any) -> LatentPlanner:
     """A `LatentPlanner` from checkpoint directories (a Hydra `_target_` for sim's evaluation and viewer);
     the encoder defaults to the one the predictor was trained on. `checkpoint` is another name for
     `predictor` (the key `ego-view` checks for existence before building a controller). `threads` > 0
@@ -643,4 +677,4 @@ def make_latent_planner(predictor: str | None = None, encoder: str | None = None
                          f"here; pass encoder=<encoder checkpoint directory>")
     enc = load_encoder(encoder, device)
     return LatentPlanner(enc, model, PlannerConfig(**planner), goal=goal, device=device, track=track,
-                         phases=phases)
+                         phases=phases, settle_steps=settle_steps, settle_m=settle_m)

@@ -254,6 +254,31 @@ def test_slot_tracker_keeps_a_handed_over_object_in_its_slot_and_remembers_it():
     torch.testing.assert_close(out[1], near[3])
 
 
+def test_slot_tracker_retarget_moves_a_track_onto_another_slot_and_keeps_it_home():
+    """A track started on the wrong slot (a grey floor slot beside the red box, as a stream's first frame
+    gives) is re-pointed at the right one: from then on that slot sits in the track's home slot."""
+    k, f = 4, 9
+    feats = torch.zeros(k, f)
+    feats[:, :4] = torch.eye(k)
+    feats[:, -5:-3] = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.0, 1.0], [0.62, 0.1]])
+    colour = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.48, 0.45], [0.1, 0.9, 0.1], [0.9, 0.1, 0.1]])
+    pixels = torch.full((k,), 50)
+    tracker = SlotTracker()
+    tracker.start(feats, colour, [1])  # the floor slot
+    torch.testing.assert_close(tracker(feats, colour, pixels)[1], feats[1])  # it follows the floor
+    tracker.retarget(feats, colour, [3])  # the red box's slot
+    out = tracker(feats, colour, pixels)
+    assert tracker.seen == [True] and tracker.slots == [1]
+    torch.testing.assert_close(out[1], feats[3])  # the box now in the track's home slot
+    torch.testing.assert_close(out[3], feats[1])
+    # and it stays with the box, not the grey slot, when the encoder reorders the slots
+    perm = torch.tensor([0, 3, 2, 1])
+    out = tracker(feats[perm], colour[perm], pixels)
+    torch.testing.assert_close(out[1], feats[3])
+    tracker.retarget(feats, colour, [None])  # None leaves the track as it is
+    torch.testing.assert_close(tracker.memory[0], feats[3])
+
+
 def test_slot_tracker_keeps_two_objects_apart_when_both_are_handed_over():
     k, f = 5, 10
     feats = torch.zeros(k, f)
@@ -324,6 +349,8 @@ def test_latent_planner_drives_an_episode():
             assert ctrl.last_plan is not None and len(ctrl.features) == 5  # reset + 4 later observations
             hist = ctrl.history()
             assert hist["features"].shape == (1, 2, 4, 17) and hist["past_actions"].shape == (1, 1, 2, 2)
+        with pytest.raises(ValueError, match="settle_steps and settle_m must be >= 0"):
+            LatentPlanner(enc, model, cfg, settle_steps=-1)
         # scoring proposals from elsewhere (a policy's chunks): the replan's cost of the same candidates
         cand = torch.rand(5, 5, 2) * 0.4 - 0.2  # 5 env steps: cut to the 2 whole predictor frames
         cost = ctrl.score(cand)
