@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--planning-seed", type=int, default=1000, help="first evaluation seed (episodes seed, seed+1, ...)")
     parser.add_argument("--planning-workers", type=int, default=2)
     parser.add_argument("--planner", nargs="*", default=[],
-                        help="PlannerConfig overrides, e.g. samples=128 (defaults: its CPU defaults)")
+                        help="PlannerConfig overrides or make_latent_planner options, e.g. samples=128, encoder=DIR, "
+                             "settle_steps=0 (defaults: the CPU defaults)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["open_loop", "counterfactual", "planning"])
     parser.add_argument("--patch", default=None,
                         help="also measure the patch-token JEPA ablation in this directory (open loop); trained there "
