@@ -478,7 +478,6 @@ class LatentPlanner:
         self.tracker = SlotTracker() if self.track else None
         self._raw: tuple[Tensor, Tensor] | None = None  # the last frame's raw features and colours
         self._start_positions: np.ndarray | None = None  # (G, 2) the boxes' given start positions
-        self._settle_left = 0  # frames on which tracks are still re-pointed at the slot nearest to them
 
     # -- goals ---------------------------------------------------------------------
 
@@ -503,11 +502,16 @@ class LatentPlanner:
             if not self.features:
                 raise RuntimeError("no observation encoded yet: call reset(obs, info) first")
             features = self.features[-1]
+        return self._match_near(positions, features)[0]
+
+    def _match_near(self, positions: np.ndarray, features: Tensor) -> tuple[list[int], np.ndarray]:
+        """`slots_near` and each matched slot's probed distance (G,) to its position."""
         with torch.no_grad():
             pos, _ = self.predictor.probe(features)
-        d = torch.cdist(torch.as_tensor(np.asarray(positions, np.float32))[:, :2], pos.cpu())
-        rows, cols = linear_sum_assignment(d.numpy())
-        return [int(c) for _, c in sorted(zip(rows, cols))]
+        d = torch.cdist(torch.as_tensor(np.asarray(positions, np.float32))[:, :2], pos.cpu()).numpy()
+        rows, cols = linear_sum_assignment(d)
+        slots = [int(c) for _, c in sorted(zip(rows, cols))]
+        return slots, d[np.arange(len(slots)), slots]
 
     # -- the Controller interface ----------------------------------------------------
 
@@ -521,7 +525,7 @@ class LatentPlanner:
             pushable = [0] if len(goal) == 1 and not info.get("formation") else [1, 2, 3]
             boxes = np.asarray(info["object_poses"], np.float32)[pushable, :2]
             self.set_goal_state(goal, self.slots_near(boxes))
-            self._start_positions, self._settle_left = boxes, self.settle_steps
+            self._start_positions = boxes
 
     def act(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> np.ndarray:
         if len(self.features) == len(self.executed):  # reset() already encoded the first observation
@@ -552,8 +556,7 @@ class LatentPlanner:
         if self.tracker is not None:
             colour, pixels = out.extras["colour"][0, 0].float(), out.extras["pixels"][0, 0]
             self._raw = (features, colour)
-            if self._settle_left > 0 and self.tracker.memory is not None:
-                self._settle_left -= 1
+            if self._start_positions is not None and len(self.features) <= self.settle_steps:  # frames 1..settle
                 self._settle(features, colour)
             features = self.tracker(features, colour, pixels)
         self.features.append(features)
@@ -564,11 +567,8 @@ class LatentPlanner:
 
     def _settle(self, features: Tensor, colour: Tensor) -> None:
         """Re-point each track at this frame's slot nearest to its box's start position, if within `settle_m`."""
-        slots = self.slots_near(self._start_positions, features)
-        with torch.no_grad():
-            pos = self.predictor.probe(features)[0][slots].cpu().numpy()
-        near = np.linalg.norm(pos - self._start_positions, axis=1) < self.settle_m
-        self.tracker.retarget(features, colour, [k if ok else None for k, ok in zip(slots, near)])
+        slots, dist = self._match_near(self._start_positions, features)
+        self.tracker.retarget(features, colour, [k if d < self.settle_m else None for k, d in zip(slots, dist)])
 
     @contextmanager
     def _seeded(self) -> Iterator[None]:
