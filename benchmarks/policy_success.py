@@ -5,7 +5,7 @@
     python benchmarks/policy_success.py --quick    # the tiny pipeline profile and 2 episodes: proves the path only
 
 Metric `success_rate` with fields `task`, `level`, `policy` (`slots` or `cnn`, from the checkpoint;
-`slots+wm-select` with `--select K --predictor DIR`),
+`slots+wm-select` with `--select K --predictor DIR`, `slots+coherence` with `--coherence K`),
 `sampler`, `steps`, `episodes`, the Wilson 95% interval and the mean episode length. Episode i uses
 reset seed 1000 + i (the demonstrations use seeds from 0), in `--workers` processes.
 """
@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--select", type=int, default=0, help="world-model-guided selection over K chunks")
     parser.add_argument("--predictor", default=None, help="with --select: the predictor checkpoint")
+    parser.add_argument("--coherence", type=int, default=0,
+                        help="sample K chunks, execute the one that best continues the current chunk")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--videos", default=None, help="save failure videos under this directory")
     args = parser.parse_args()
@@ -74,10 +76,14 @@ def main() -> None:
             if args.select > 0:
                 target |= {"select": args.select, "predictor": args.predictor}
                 label = f"{kind}+wm-select"
+            if args.coherence > 0:
+                target["coherence"] = args.coherence
+                label = f"{kind}+coherence"
             video_dir = None if not args.videos else Path(args.videos) / f"{Path(ck).name}_{task}_{level}"
             r = evaluate(target, task, level, episodes, seed=args.seed, workers=args.workers,
                          max_steps=30 if args.quick else None, video_dir=video_dir, progress=True)
             emit(BENCH, "success_rate", r["success_rate"], "fraction", task=task, level=level, policy=label, select=args.select,
+                 coherence=args.coherence,
                  sampler=sampler, steps=steps, n_action=args.n_action or model.cfg.n_action, same_noise=args.same_noise,
                  episodes=episodes, ci95_low=round(r["ci95_low"], 3),
                  ci95_high=round(r["ci95_high"], 3), mean_length=round(r["mean_length"], 1),

@@ -17,6 +17,14 @@ slot history (batched over the candidates) and scores it with the latent planner
 phase set as a replan would: `LatentPlanner.score`), and the best chunk is executed. The goal comes as the latent planner takes it: the goal
 positions and which slot holds the box are read from the task's `info` at reset (the task's
 specification, as a benchmark hands it over; the policy network itself reads nothing privileged).
+
+Coherent re-planning (`coherence=K`, in the manner of Bidirectional Decoding, Liu et al. 2024): each
+time a chunk is due, K chunks are sampled in one batch and the one that agrees best with what is left
+of the chunk being executed is run (a weighted squared distance over the actions both cover, in
+normalised units, the nearer steps weighing more: `coherence_decay` per step). Fresh noise per chunk
+lets a multimodal policy switch modes between chunks (go round the box, or push it head on); this
+keeps the mode it chose while still re-planning on every new observation. The first chunk of an
+episode, with nothing to agree with, is the samples' medoid (the most typical of the K).
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ class DiffusionPolicyController:
     def __init__(self, checkpoint: str | Path, task: str | None = None, level: str | None = None,
                  sampler: str | None = None, steps: int | None = None, n_action: int | None = None,
                  seed: int = 0, device: str = "cpu", threads: int = 1, select: int = 0,
-                 predictor: str | None = None, same_noise: bool = False) -> None:
+                 predictor: str | None = None, same_noise: bool = False, coherence: int = 0,
+                 coherence_decay: float = 0.9) -> None:
         from policies.train import load_policy
 
         if threads > 0:
@@ -83,6 +92,16 @@ class DiffusionPolicyController:
             if dim != cfg.token_dim or self.encoder.cfg.num_slots != cfg.num_slots:
                 raise CheckpointMismatch(f"{checkpoint}: encoder gives {self.encoder.cfg.num_slots} slots x {dim} "
                                          f"features, the policy was trained on {cfg.num_slots} x {cfg.token_dim}")
+        if coherence < 0 or select < 0:
+            raise ValueError(f"select and coherence count samples, >= 0; got select={select}, coherence={coherence}")
+        if coherence > 0 and select > 0:
+            raise ValueError("choose one way to pick among sampled chunks: select (the predictor) or coherence")
+        if not 0 < coherence_decay <= 1:
+            raise ValueError(f"coherence_decay must lie in (0, 1]; got {coherence_decay}")
+        self.coherence = coherence
+        self.coherence_decay = coherence_decay
+        self._rest: np.ndarray | None = None  # the unexecuted actions of the current chunk
+        self.last_selection: dict[str, Any] = {}  # the candidates' costs and the one run (select or coherence)
         self.select = select
         self.selector = None
         if select > 0:
@@ -98,7 +117,6 @@ class DiffusionPolicyController:
             own = pconf.get("encoder")
             sel_encoder = own if own and Path(own, "model.safetensors").exists() else str(Path(checkpoint) / "encoder")
             self.selector = make_latent_planner(predictor, encoder=sel_encoder, device=device)
-            self.last_selection: dict[str, Any] = {}
         self._history: deque = deque(maxlen=cfg.n_obs)
         self._buffer: list[np.ndarray] = []
         self._stream = None
@@ -116,6 +134,7 @@ class DiffusionPolicyController:
         torch.manual_seed(episode_seed)  # the encoder's slot initialisation on the first frame
         self._history.clear()
         self._buffer = []
+        self._rest = None
         self._stream = None
         self._memory = SlotMemory()
         self._start_pose = torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device)
@@ -133,8 +152,14 @@ class DiffusionPolicyController:
             self._selector_seen = False
         if not self._buffer:
             start = self.policy.cfg.n_obs - 1
-            chunk = self._select() if self.selector is not None else self.sample_chunks(1)[0]
+            if self.selector is not None:
+                chunk = self._select()
+            elif self.coherence > 0:
+                chunk = self._coherent()
+            else:
+                chunk = self.sample_chunks(1)[0]
             self._buffer = list(chunk[start:start + self.n_action])
+            self._rest = chunk[start + self.n_action:]
         action = self._buffer.pop(0).astype(np.float32)
         if self.selector is not None:
             self.selector.executed.append(torch.as_tensor(action))
@@ -163,6 +188,24 @@ class DiffusionPolicyController:
         cost = self.selector.score(chunks[:, self.policy.cfg.n_obs - 1:])
         best = int(torch.argmin(cost))
         self.last_selection = {"cost": cost.cpu().numpy(), "best": best}
+        return chunks[best]
+
+    def _coherent(self) -> np.ndarray:
+        """The one of `coherence` sampled chunks that best continues the chunk being executed (the
+        samples' medoid when there is none); the costs go to `last_selection`."""
+        chunks = self.sample_chunks(self.coherence)  # (N, Tp, 2)
+        model = self.policy
+        span = (model.action_max - model.action_min).cpu().numpy()
+        ahead = chunks[:, model.cfg.n_obs - 1:] / span  # from the current step on, in units of the action range
+        if self._rest is not None and len(self._rest):
+            n = min(len(self._rest), ahead.shape[1])
+            weight = self.coherence_decay ** np.arange(n)
+            cost = (((ahead[:, :n] - self._rest[:n] / span) ** 2).sum(-1) * weight).sum(-1) / weight.sum()
+        else:  # medoid: the smallest summed distance to the other samples
+            flat = ahead.reshape(len(ahead), -1)
+            cost = np.sqrt(((flat[:, None] - flat[None]) ** 2).sum(-1)).sum(-1)
+        best = int(np.argmin(cost))
+        self.last_selection = {"cost": cost, "best": best}
         return chunks[best]
 
     def observation(self) -> tuple[torch.Tensor, torch.Tensor]:

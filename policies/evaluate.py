@@ -45,6 +45,7 @@ class EvalConfig:
     same_noise: bool = False  # sample every chunk of an episode from the same starting noise
     select: int = 0  # world-model-guided selection: sample this many chunks, execute the predictor's best
     predictor: str = ""  # with select > 0: the predictor checkpoint (trained on the policy's encoder)
+    coherence: int = 0  # sample this many chunks, execute the one that best continues the current chunk
     videos: str = "failures"  # failures | all | none
     max_steps: int | None = None
     out: str = ""  # default: <checkpoint>/eval_<task>_<level> (or runs/eval/expert_<task>_<level>)
@@ -71,6 +72,8 @@ def controller_target(cfg: EvalConfig) -> dict[str, Any]:
         target["same_noise"] = True
     if cfg.select > 0:
         target |= {"select": cfg.select, "predictor": cfg.predictor}
+    if cfg.coherence > 0:
+        target["coherence"] = cfg.coherence
     return target
 
 

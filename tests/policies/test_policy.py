@@ -386,6 +386,36 @@ def test_same_noise_draws_every_chunk_of_an_episode_from_one_noise(slots_policy)
     assert controller_target(EvalConfig(checkpoint=str(slots_policy), same_noise=True))["same_noise"] is True
 
 
+def test_coherence_runs_the_sample_that_best_continues_the_current_chunk(slots_policy):
+    from policies.evaluate import EvalConfig, controller_target
+
+    frames = _episode_obs(n=5)
+    c = DiffusionPolicyController(slots_policy, coherence=8, n_action=2, sampler="ddim", steps=2)
+    c.reset(*frames[0])
+    c.act(*frames[0])  # the first chunk: the medoid of 8 samples
+    first = c.last_selection
+    assert first["cost"].shape == (8,) and first["best"] == int(np.argmin(first["cost"]))
+    rest = c._rest.copy()
+    assert len(rest) == c.policy.cfg.horizon - c.policy.cfg.n_obs + 1 - 2
+    state = c._gen.get_state()
+    c.act(*frames[1])
+    c.act(*frames[2])  # a new chunk is due: 8 samples, the one nearest the rest of the last chunk runs
+    sel = c.last_selection
+    c._gen.set_state(state)  # the same 8 samples again, to check the choice by hand
+    span = (c.policy.action_max - c.policy.action_min).numpy()
+    ahead = c.sample_chunks(8)[:, c.policy.cfg.n_obs - 1:]
+    n = len(rest)
+    w = 0.9 ** np.arange(n)
+    dist = ((((ahead[:, :n] - rest) / span) ** 2).sum(-1) * w).sum(-1)
+    assert sel["best"] == int(np.argmin(dist)) and np.ptp(dist) > 0
+    np.testing.assert_allclose(sel["cost"], dist / w.sum(), rtol=1e-5)
+    assert controller_target(EvalConfig(checkpoint=str(slots_policy), coherence=8))["coherence"] == 8
+    with pytest.raises(ValueError, match="choose one way"):
+        DiffusionPolicyController(slots_policy, coherence=4, select=4, predictor="x")
+    with pytest.raises(ValueError, match="coherence_decay"):
+        DiffusionPolicyController(slots_policy, coherence=4, coherence_decay=0.0)
+
+
 def test_ego_eval_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(ValueError, match="not a policy directory"):
         run_eval(checkpoint=str(tmp_path / "nothing"), episodes=1, workers=0)
