@@ -3,7 +3,8 @@
     python benchmarks/policy_latency.py --checkpoint runs/pipeline/policy [--checkpoint runs/policy_cnn ...]
     python benchmarks/policy_latency.py --quick
 
-For each policy and sampler (DDIM at 8 and 2 steps, the consistency student at 1 and 2 steps),
+For each policy and sampler (DDIM at 8 and 2 steps, the consistency student at 1 and 2 steps, and
+the student at 1 step with coherent re-planning over `--coherence` samples, field `coherence`),
 metric `ms_per_chunk` with fields `policy` (slots | cnn), `sampler`, `steps`, `p50`, `p99`, batch 1:
 the controller takes a real observation (an expert episode's frames), runs it through its
 observation path (the slots policy: one streaming step of the frozen encoder) and samples one
@@ -24,7 +25,7 @@ from pathlib import Path
 from _common import emit, machine  # first: puts the repository on the import path
 
 BENCH = "policy_latency"
-VARIANTS = (("ddim", 8), ("ddim", 2), ("consistency", 1), ("consistency", 2))
+VARIANTS = (("ddim", 8, 0), ("ddim", 2, 0), ("consistency", 1, 0), ("consistency", 2, 0), ("consistency", 1, None))
 
 
 def _untrained(out: Path, obs: str) -> str:
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="untrained default-shape policies, few calls")
     parser.add_argument("--calls", type=int, default=200, help="chunks per variant")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
+    parser.add_argument("--coherence", type=int, default=16, help="samples of the coherent re-planning variant")
     args = parser.parse_args()
 
     import tempfile
@@ -94,25 +96,27 @@ def main() -> None:
 
     controllers = {}
     for ck in ckpts:
-        for sampler, steps in VARIANTS:
-            c = DiffusionPolicyController(ck, sampler=sampler, steps=steps, threads=args.threads)
+        for sampler, steps, coherence in VARIANTS:
+            coherence = args.coherence if coherence is None else coherence
+            c = DiffusionPolicyController(ck, sampler=sampler, steps=steps, threads=args.threads, coherence=coherence)
             if sampler == "consistency" and not bool(c.policy.distilled):
                 continue
             c.reset(frames[0])
-            controllers[(ck, c.policy.cfg.obs, sampler, steps)] = c
+            controllers[(ck, c.policy.cfg.obs, sampler, steps, coherence)] = c
     times = {k: [] for k in controllers}
     for i in range(calls + 3):  # 3 warm-up rounds
         frame = frames[i % len(frames)]
         for key, c in controllers.items():
             t0 = time.perf_counter()
             c._observe(frame)
-            c.sample_chunks(1)
+            c.next_chunk()
             if i >= 3:
                 times[key].append((time.perf_counter() - t0) * 1e3)
     for key, ms in times.items():
-        ck, obs_kind, sampler, steps = key
-        base = np.median(times.get((ck, obs_kind, "ddim", 8), ms))
+        ck, obs_kind, sampler, steps, coherence = key
+        base = np.median(times.get((ck, obs_kind, "ddim", 8, 0), ms))
         emit(BENCH, "ms_per_chunk", float(np.median(ms)), "ms", policy=obs_kind, sampler=sampler, steps=steps,
+             coherence=coherence,
              p50=round(float(np.percentile(ms, 50)), 2), p99=round(float(np.percentile(ms, 99)), 2),
              speedup_vs_ddim8=round(float(base / np.median(ms)), 2), batch=1, threads=args.threads,
              calls=len(ms), checkpoint=ck if not args.quick else "untrained", quick=args.quick, **machine())

@@ -151,13 +151,8 @@ class DiffusionPolicyController:
                 self.selector._observe(obs)
             self._selector_seen = False
         if not self._buffer:
+            chunk = self.next_chunk()
             start = self.policy.cfg.n_obs - 1
-            if self.selector is not None:
-                chunk = self._select()
-            elif self.coherence > 0:
-                chunk = self._coherent()
-            else:
-                chunk = self.sample_chunks(1)[0]
             self._buffer = list(chunk[start:start + self.n_action])
             self._rest = chunk[start + self.n_action:]
         action = self._buffer.pop(0).astype(np.float32)
@@ -170,6 +165,15 @@ class DiffusionPolicyController:
         return np.asarray(self._buffer, np.float32).reshape(-1, 2)
 
     # -- parts -----------------------------------------------------------------
+
+    def next_chunk(self) -> np.ndarray:
+        """(horizon, 2) the chunk to run from the current observation history: one sample, or the pick of
+        `select` (the predictor) or `coherence` samples."""
+        if self.selector is not None:
+            return self._select()
+        if self.coherence > 0:
+            return self._coherent()
+        return self.sample_chunks(1)[0]
 
     def sample_chunks(self, num_samples: int) -> np.ndarray:
         """(num_samples, horizon, 2) action chunks for the current observation history."""
