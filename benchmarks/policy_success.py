@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--predictor", default=None, help="with --select: the predictor checkpoint")
     parser.add_argument("--coherence", type=int, default=0,
                         help="sample K chunks, execute the one that best continues the current chunk")
+    parser.add_argument("--coherence-decay", type=float, default=0.9,
+                        help="with --coherence: the weight of each further step of agreement")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--videos", default=None, help="save failure videos under this directory")
     args = parser.parse_args()
@@ -77,13 +79,13 @@ def main() -> None:
                 target |= {"select": args.select, "predictor": args.predictor}
                 label = f"{kind}+wm-select"
             if args.coherence > 0:
-                target["coherence"] = args.coherence
+                target |= {"coherence": args.coherence, "coherence_decay": args.coherence_decay}
                 label = f"{kind}+coherence"
             video_dir = None if not args.videos else Path(args.videos) / f"{Path(ck).name}_{task}_{level}"
             r = evaluate(target, task, level, episodes, seed=args.seed, workers=args.workers,
                          max_steps=30 if args.quick else None, video_dir=video_dir, progress=True)
             emit(BENCH, "success_rate", r["success_rate"], "fraction", task=task, level=level, policy=label, select=args.select,
-                 coherence=args.coherence,
+                 coherence=args.coherence, coherence_decay=args.coherence_decay if args.coherence else None,
                  sampler=sampler, steps=steps, n_action=args.n_action or model.cfg.n_action, same_noise=args.same_noise,
                  episodes=episodes, ci95_low=round(r["ci95_low"], 3),
                  ci95_high=round(r["ci95_high"], 3), mean_length=round(r["mean_length"], 1),

@@ -46,6 +46,7 @@ class EvalConfig:
     select: int = 0  # world-model-guided selection: sample this many chunks, execute the predictor's best
     predictor: str = ""  # with select > 0: the predictor checkpoint (trained on the policy's encoder)
     coherence: int = 0  # sample this many chunks, execute the one that best continues the current chunk
+    coherence_decay: float = 0.9  # with coherence: the weight of each further step of agreement
     videos: str = "failures"  # failures | all | none
     max_steps: int | None = None
     out: str = ""  # default: <checkpoint>/eval_<task>_<level> (or runs/eval/expert_<task>_<level>)
@@ -73,7 +74,7 @@ def controller_target(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.select > 0:
         target |= {"select": cfg.select, "predictor": cfg.predictor}
     if cfg.coherence > 0:
-        target["coherence"] = cfg.coherence
+        target |= {"coherence": cfg.coherence, "coherence_decay": cfg.coherence_decay}
     return target
 
 
