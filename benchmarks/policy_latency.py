@@ -4,7 +4,9 @@
     python benchmarks/policy_latency.py --quick
 
 For each policy and sampler (DDIM at 8 and 2 steps, the consistency student at 1 and 2 steps, and
-the student at 1 step with coherent re-planning over `--coherence` samples, field `coherence`),
+the student at 1 step with coherent re-planning over `--coherence` samples, field `coherence`, and
+with `--predictor DIR` the student at 1 step with world-model-guided selection over `--select`
+samples, field `select`),
 metric `ms_per_chunk` with fields `policy` (slots | cnn), `sampler`, `steps`, `p50`, `p99`, batch 1:
 the controller takes a real observation (an expert episode's frames), runs it through its
 observation path (the slots policy: one streaming step of the frozen encoder) and samples one
@@ -58,6 +60,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="chunks per variant")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
     parser.add_argument("--coherence", type=int, default=16, help="samples of the coherent re-planning variant")
+    parser.add_argument("--predictor", default=None,
+                        help="also time world-model-guided selection with this predictor checkpoint")
+    parser.add_argument("--select", type=int, default=16, help="samples of the world-model-guided variant")
     args = parser.parse_args()
 
     import tempfile
@@ -86,7 +91,7 @@ def main() -> None:
     obs, info = env.reset(seed=1000)
     expert = PushExpert()
     expert.reset(obs, info)
-    frames = [obs]
+    frames, start_info = [obs], info
     while len(frames) < 64:
         obs, _, term, trunc, info = env.step(expert.act(obs, info))
         frames.append(obs)
@@ -96,27 +101,30 @@ def main() -> None:
 
     controllers = {}
     for ck in ckpts:
-        for sampler, steps, coherence in VARIANTS:
-            coherence = args.coherence if coherence is None else coherence
-            c = DiffusionPolicyController(ck, sampler=sampler, steps=steps, threads=args.threads, coherence=coherence)
+        variants = [(s, n, args.coherence if k is None else k, 0) for s, n, k in VARIANTS]
+        if args.predictor:
+            variants.append(("consistency", 1, 0, args.select))
+        for sampler, steps, coherence, select in variants:
+            c = DiffusionPolicyController(ck, sampler=sampler, steps=steps, threads=args.threads, coherence=coherence,
+                                          select=select, predictor=args.predictor if select else None)
             if sampler == "consistency" and not bool(c.policy.distilled):
                 continue
-            c.reset(frames[0])
-            controllers[(ck, c.policy.cfg.obs, sampler, steps, coherence)] = c
+            c.reset(frames[0], start_info)
+            controllers[(ck, c.policy.cfg.obs, sampler, steps, coherence, select)] = c
     times = {k: [] for k in controllers}
     for i in range(calls + 3):  # 3 warm-up rounds
         frame = frames[i % len(frames)]
         for key, c in controllers.items():
             t0 = time.perf_counter()
-            c._observe(frame)
-            c.next_chunk()
+            c._buffer.clear()  # a chunk is due: observation in, chunk sampled (and chosen), first action out
+            c.act(frame)
             if i >= 3:
                 times[key].append((time.perf_counter() - t0) * 1e3)
     for key, ms in times.items():
-        ck, obs_kind, sampler, steps, coherence = key
-        base = np.median(times.get((ck, obs_kind, "ddim", 8, 0), ms))
+        ck, obs_kind, sampler, steps, coherence, select = key
+        base = np.median(times.get((ck, obs_kind, "ddim", 8, 0, 0), ms))
         emit(BENCH, "ms_per_chunk", float(np.median(ms)), "ms", policy=obs_kind, sampler=sampler, steps=steps,
-             coherence=coherence,
+             coherence=coherence, select=select,
              p50=round(float(np.percentile(ms, 50)), 2), p99=round(float(np.percentile(ms, 99)), 2),
              speedup_vs_ddim8=round(float(base / np.median(ms)), 2), batch=1, threads=args.threads,
              calls=len(ms), checkpoint=ck if not args.quick else "untrained", quick=args.quick, **machine())
