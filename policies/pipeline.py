@@ -52,6 +52,7 @@ class PipelineDemos:
 @dataclass
 class PolicySuiteConfig(SuiteConfig):
     n_action: int | None = None  # actions executed per chunk before re-planning; None: the policy's (8)
+    select: int = 0  # > 0: world-model-guided selection, the pipeline's predictor picks the best of this many chunks
 
 
 def _default_suites() -> dict[str, PolicySuiteConfig]:
@@ -137,6 +138,8 @@ def _check(cfg: PolicyPipelineConfig) -> None:
             raise ValueError(f"suites.{name} evaluates task {s.task!r}; the policy is trained on {cfg.task!r}")
         if s.n_action is not None and s.n_action < 1:
             raise ValueError(f"suites.{name}.n_action must be >= 1 or null (as trained); got {s.n_action}")
+        if s.select < 0:
+            raise ValueError(f"suites.{name}.select must be >= 0 (0: no selection); got {s.select}")
 
 
 def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None) -> dict[str, Any]:
@@ -179,6 +182,8 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
         settings = dict(checkpoint=str(pol_dir), task=s.task, level=s.level, episodes=s.episodes, seed=cfg.eval_seed,
                         workers=cfg.workers, max_steps=cfg.max_steps, out=str(out / "eval" / name),
                         progress=cfg.progress, n_action=s.n_action)
+        if s.select:
+            settings |= {"select": s.select, "predictor": str(pred_dir)}
         suites[name] = _timed(out, f"eval_{name}", lambda st=settings, n=name: cached_stage(
             out / "stages" / f"eval_{n}.json", st | stamp, lambda: run_eval(st)), settings | stamp)
     video_settings = dict(task=cfg.task, level=cfg.level, episodes=1, seed=cfg.video_seed, max_steps=cfg.max_steps)
@@ -220,12 +225,14 @@ def render_report(cfg: PolicyPipelineConfig, m: dict[str, Any], out: Path) -> st
     lines += ["## Policy success", "",
               f"Slot diffusion policy trained on {m['policy']['demo_episodes']} noisy-expert demonstrations of "
               f"{cfg.task}/{cfg.level} ({m['policy']['demo_steps']} steps); evaluation seeds from {cfg.eval_seed}.", "",
-              "| suite | task | level | re-plans every | episodes | success rate | 95% CI (Wilson) | mean length |",
-              "| --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
+              "| suite | task | level | re-plans every | chunk | episodes | success rate | 95% CI (Wilson) | mean length |",
+              "| --- | --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
     for name, r in m["evaluation"].items():
         n_action = r["controller"].get("n_action")
         every = f"{n_action} steps" if n_action else "as trained"
-        lines.append(f"| {name} | {r['task']} | {r['level']} | {every} | {r['episodes']} "
+        select = r["controller"].get("select")
+        chunk = f"predictor's best of {select}" if select else "one sample"
+        lines.append(f"| {name} | {r['task']} | {r['level']} | {every} | {chunk} | {r['episodes']} "
                      f"| **{r['success_rate']:.2f}** | [{r['ci95_low']:.2f}, {r['ci95_high']:.2f}] "
                      f"| {r['mean_length']:.1f} |")
     lines += ["", "## Stages", "", "| stage | wall time (min) | what |", "| --- | ---: | --- |"]

@@ -26,9 +26,10 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
     assert r["episodes"] == 2 and 0.0 <= r["success_rate"] <= 1.0
     assert m["encoder"]["step"] == 2 and m["predictor"]["step"] == 2 and m["policy"]["diffusion_steps"] == 2
     report = (out / "report.md").read_text()
-    assert "| single_easy | single | easy | as trained | 2 |" in report and "profile=tiny" in report
+    assert "| single_easy | single | easy | as trained | one sample | 2 |" in report and "profile=tiny" in report
+    assert "| single_easy_select | single | easy | 2 steps | predictor's best of 2 | 1 |" in report
     assert m["evaluation"]["single_easy_replan2"]["controller"]["n_action"] == 2  # the same policy re-planning
-    assert "| single_easy_replan2 | single | easy | 2 steps | 2 |" in report
+    assert "| single_easy_replan2 | single | easy | 2 steps | one sample | 2 |" in report
     stamp = (out / "policy" / "model.safetensors").stat().st_mtime
     t0 = time.perf_counter()
     again = run_pipeline(cfg)
@@ -68,6 +69,8 @@ def test_bad_options_fail_before_any_work(tmp_path):
         run_pipeline({"out_dir": str(tmp_path), "suites": {"x": {"task": "formation", "level": "easy"}}})
     with pytest.raises(ValueError, match="suites.x.n_action must be >= 1"):
         run_pipeline({"out_dir": str(tmp_path), "suites": {"x": {"n_action": 0}}})
+    with pytest.raises(ValueError, match="suites.x.select must be >= 0"):
+        run_pipeline({"out_dir": str(tmp_path), "suites": {"x": {"select": -1}}})
     r = subprocess.run([sys.executable, "-m", "policies.pipeline", f"out_dir={tmp_path}", "task=nope"],
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and "task" in r.stderr and "nope" in r.stderr
