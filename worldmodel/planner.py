@@ -495,14 +495,12 @@ class LatentPlanner:
         self._goal_states = self.predictor.encode_states(out.features)[0, 0]  # (K, Z)
         self.cost = None
 
-    def slots_near(self, positions: np.ndarray, features: Tensor | None = None) -> list[int]:
-        """The slot whose probed position is nearest to each of positions (G, 2), all different, in
-        `features` (K, F) (default: the last frame's, as tracked)."""
-        if features is None:
-            if not self.features:
-                raise RuntimeError("no observation encoded yet: call reset(obs, info) first")
-            features = self.features[-1]
-        return self._match_near(positions, features)[0]
+    def slots_near(self, positions: np.ndarray) -> list[int]:
+        """The slot whose probed position is nearest to each of positions (G, 2), all different, in the
+        last frame (as tracked)."""
+        if not self.features:
+            raise RuntimeError("no observation encoded yet: call reset(obs, info) first")
+        return self._match_near(positions, self.features[-1])[0]
 
     def _match_near(self, positions: np.ndarray, features: Tensor) -> tuple[list[int], np.ndarray]:
         """`slots_near` and each matched slot's probed distance (G,) to its position."""
