@@ -27,7 +27,7 @@ from pathlib import Path
 from _common import emit, machine  # first: puts the repository on the import path
 
 BENCH = "policy_latency"
-VARIANTS = (("ddim", 8, 0), ("ddim", 2, 0), ("consistency", 1, 0), ("consistency", 2, 0), ("consistency", 1, None))
+SAMPLERS = (("ddim", 8), ("ddim", 2), ("consistency", 1), ("consistency", 2))
 
 
 def _untrained(out: Path, obs: str) -> str:
@@ -101,7 +101,8 @@ def main() -> None:
 
     controllers = {}
     for ck in ckpts:
-        variants = [(s, n, args.coherence if k is None else k, 0) for s, n, k in VARIANTS]
+        # (sampler, steps, coherence, select): each sampler alone, then the 1-step student choosing among samples
+        variants = [(s, n, 0, 0) for s, n in SAMPLERS] + [("consistency", 1, args.coherence, 0)]
         if args.predictor:
             variants.append(("consistency", 1, 0, args.select))
         for sampler, steps, coherence, select in variants:
