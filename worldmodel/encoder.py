@@ -94,7 +94,7 @@ class EncoderOutput:
     slots: Tensor  # (B, T, K, S) slot vectors
     geometry: Tensor  # (B, T, K, 5) world centre estimate (x, y, z) m + planar view direction (dx, dy)
     masks: Tensor  # (B, T, K, H, W) per-pixel alpha, sums to 1 over K
-    recon: Tensor  # (B, T, 4, H, W) reconstructed normalised RGB-D
+    recon: Tensor | None  # (B, T, 4, H, W) reconstructed normalised RGB-D (None from `step` unless recon=True)
     attn: Tensor | None = None  # (B, T, K, N) last slot-attention weights, normalised over slots
     # "target": (B, T, 4, H, W) the normalised input; "pixels": (B, T, K) valid-depth pixels each slot wins;
     # "centroid": (B, T, K, 5) the visible centroid + direction, before `CenterHead` moves it;
@@ -238,26 +238,38 @@ class SlotDecoder(nn.Module):
         )
         if cfg.pixel_embed:
             self.pixel_net = PixelFeatures(cfg)
+        # the output rows a mask needs: each pixel's alpha logit (every 5th, after its RGB-D) and the mask queries
+        p2 = cfg.patch * cfg.patch
+        self.register_buffer("mask_rows", torch.cat([torch.arange(p2) * 5 + 4, p2 * 5 + torch.arange(cfg.pixel_embed)]),
+                             persistent=False)
 
     def forward(self, slots: Tensor, rel: Tensor, image: Tensor | None = None,
-                tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                tokens: Tensor | None = None, colour: bool = True) -> tuple[Tensor | None, Tensor]:
         """slots (B, K, S), rel (B, K, N, 3) token point - slot centroid (anchor frame, metres),
         image (B, 4, H, W) normalised input, tokens (B, N, D) ViT features
-        -> rgbd (B, K, 4, H, W), alpha logits (B, K, H, W)."""
+        -> rgbd (B, K, 4, H, W), alpha logits (B, K, H, W). With colour=False only the masks are decoded
+        (the output layer's alpha and query rows; a third of the decoder's work) and rgbd is None."""
         b, k, _ = slots.shape
         h = (self.slot_in(slots).unsqueeze(2) + self.grid_embed
              + self.rel_in(fourier_features(rel, self.pos_freqs, self.pos_scale)))
-        out = self.net(h)  # (B, K, N, p*p*5 + E)
         gh, gw, p = *self.grid, self.patch
-        pix = out[..., : p * p * 5].reshape(b, k, gh, gw, p, p, 5).permute(0, 1, 6, 2, 4, 3, 5)
-        pix = pix.reshape(b, k, 5, gh * p, gw * p)
-        logits = pix[:, :, 4]
+        if colour:
+            out = self.net(h)  # (B, K, N, p*p*5 + E)
+            pix = out[..., : p * p * 5].reshape(b, k, gh, gw, p, p, 5).permute(0, 1, 6, 2, 4, 3, 5)
+            pix = pix.reshape(b, k, 5, gh * p, gw * p)
+            rgbd, logits = pix[:, :, :4], pix[:, :, 4]
+            query = out[..., p * p * 5:]
+        else:
+            last = self.net[-1]
+            out = F.linear(self.net[:-1](h), last.weight[self.mask_rows], last.bias[self.mask_rows])  # (.., p*p + E)
+            logits = out[..., : p * p].reshape(b, k, gh, gw, p, p).permute(0, 1, 2, 4, 3, 5).reshape(b, k, gh * p, gw * p)
+            rgbd, query = None, out[..., p * p:]
         if self.embed:
-            query = out[..., p * p * 5:].view(b, k, gh, gw, self.embed)  # one query per slot and patch
+            query = query.reshape(b, k, gh, gw, self.embed)  # one query per slot and patch
             feats = self.pixel_net(image, tokens).view(b, self.embed, gh, p, gw, p)  # (B, E, H, W) by patch
             match = torch.einsum("bkgwe,begiwj->bkgiwj", query, feats).reshape(b, k, gh * p, gw * p)
             logits = logits + match * self.embed ** -0.5
-        return pix[:, :, :4], logits
+        return rgbd, logits
 
 
 class CenterHead(nn.Module):
@@ -432,18 +444,18 @@ class ObjectCentricEncoder(nn.Module):
         return self.slot_attention(inputs, self.transition(prev), self.cfg.slot_iters)
 
     def decode(self, slots: Tensor, attn: Tensor, local: Tensor, x_in: Tensor, feats: Tensor, depth: Tensor,
-               intrinsics: Tensor, cam_pose: Tensor) -> EncoderOutput:
-        """Masks, reconstruction and geometry of slots (B, T, K, S); feats (B, T, N, D) ViT features."""
+               intrinsics: Tensor, cam_pose: Tensor, recon: bool = True) -> EncoderOutput:
+        """Masks, reconstruction (unless recon=False) and geometry of slots (B, T, K, S); feats (B, T, N, D)
+        ViT features."""
         b, t, k, s = slots.shape
         weights = attn / (attn.sum(-1, keepdim=True) + 1e-6)
         centre = torch.einsum("btkn,btnc->btkc", weights, local)  # attention-weighted centroid, anchor frame
         rel = local.unsqueeze(2) - centre.unsqueeze(3)  # (B, T, K, N, 3)
         rgbd, logits = self.decoder(slots.reshape(b * t, k, s), rel.reshape(b * t, k, -1, 3), x_in.flatten(0, 1),
-                                    feats.flatten(0, 1))
+                                    feats.flatten(0, 1), colour=recon)
         h, w = self.cfg.image_size
         masks = torch.softmax(logits, dim=1).view(b, t, k, h, w)
-        rgbd = rgbd.view(b, t, k, 4, h, w)
-        recon = (masks.unsqueeze(3) * rgbd).sum(2)
+        recon_img = (masks.unsqueeze(3) * rgbd.view(b, t, k, 4, h, w)).sum(2) if recon else None
         won = F.one_hot(masks.argmax(2), k).permute(0, 1, 4, 2, 3).float()  # (B, T, K, H, W) hard assignment
         centroid, pixels = mask_geometry(won, depth, intrinsics, cam_pose)
         if self.center is not None:
@@ -453,7 +465,7 @@ class ObjectCentricEncoder(nn.Module):
             geometry = centroid
         rgb = (x_in[:, :, :3] * self.in_std[:3] + self.in_mean[:3]).unsqueeze(2)  # (B, T, 1, 3, H, W) in [0, 1]
         colour = (won.unsqueeze(3) * rgb).sum((-2, -1)) / won.sum((-2, -1)).unsqueeze(-1).clamp(min=1)
-        return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon, attn=attn,
+        return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon_img, attn=attn,
                              extras={"target": x_in, "pixels": pixels, "centroid": centroid, "colour": colour})
 
     def center_evidence(self, slots: Tensor, weights: Tensor, feats: Tensor, won: Tensor, centroid: Tensor,
@@ -472,11 +484,12 @@ class ObjectCentricEncoder(nn.Module):
 
     @torch.no_grad()
     def step(self, rgb: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor,
-             state: StreamState | None = None) -> tuple[EncoderOutput, StreamState]:
+             state: StreamState | None = None, recon: bool = False) -> tuple[EncoderOutput, StreamState]:
         """One new frame per stream: rgb (B, H, W, 3), depth (B, H, W), intrinsics (B, 3, 3), cam_pose (B, 4, 4).
 
-        Gives the same slots as `forward` on the whole clip (up to float error and the random slot
-        initialisation of the first frame)."""
+        Gives the same slots, masks and geometry as `forward` on the whole clip (up to float error and the
+        random slot initialisation of the first frame). The reconstruction, a picture of what the slots
+        know that nothing downstream reads, is decoded only with recon=True."""
         rgb, depth, intrinsics, cam_pose = (a.unsqueeze(1) for a in (rgb, depth, intrinsics, cam_pose))
         x_in = self.normalise(rgb, depth)
         geom = patch_geometry(depth.float(), intrinsics.float(), cam_pose.float(), self.cfg.patch,
@@ -504,7 +517,7 @@ class ObjectCentricEncoder(nn.Module):
         local = to_anchor_frame(geom.points, anchor)
         slots, attn = self.bind(feats, local, None if state is None else state.slots)
         out = self.decode(slots.unsqueeze(1), attn.unsqueeze(1), local.unsqueeze(1), x_in, feats.unsqueeze(1), depth,
-                          intrinsics, cam_pose)
+                          intrinsics, cam_pose, recon=recon)
         keep_geom = _last_frames(ctx_geom, n, c - 1)
         t_next = 1 if state is None else state.t + 1
         return out, StreamState(context=new_context, context_geom=keep_geom, slots=slots, anchor=anchor, t=t_next)

@@ -16,7 +16,7 @@ centres at integer coordinates, cam_pose is world-from-camera with the OpenCV op
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,10 @@ class TokenGeometry:
     time: Tensor  # float (B, N): frame index within the clip (0 for single images)
     proj: Tensor  # float (B, N, 4, 4): camera matrix of the token's frame, P = lift(K_norm) @ cam_from_world
     anchor: Tensor  # float (B, 4, 4): world-from-anchor, gravity-aligned frame at the clip's first camera
+    # GeometryRoPE's cos and sin tables for these tokens, computed by the first layer that needs them and reused
+    # by the others (a ViT's layers all see the same geometry). Treat a TokenGeometry as immutable: build a new
+    # one rather than change its tensors in place, or the tables go stale.
+    rotations: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def _work_dtype(device: torch.device) -> torch.dtype:
@@ -205,8 +209,11 @@ def patch_geometry(depth: Tensor, intrinsics: Tensor, cam_pose: Tensor, patch: i
 
 def rotate_pairs(x: Tensor, angles: Tensor) -> Tensor:
     """RoFormer rotation: pair (x_2i, x_2i+1) turns by angles[..., i]. x (B, heads, N, D), angles (B, N, D/2)."""
-    cos = angles.cos().unsqueeze(1).to(x.dtype)
-    sin = angles.sin().unsqueeze(1).to(x.dtype)
+    return _rotate(x, angles.cos().unsqueeze(1).to(x.dtype), angles.sin().unsqueeze(1).to(x.dtype))
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`rotate_pairs` with the angles' cos and sin given, (B, 1, N, D/2) each."""
     x_even, x_odd = x[..., 0::2], x[..., 1::2]
     return torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1).flatten(-2)
 
@@ -298,6 +305,8 @@ class GeometryRoPE(nn.Module):
         if grid_base <= 1 or time_base <= 1:
             raise ValueError(f"grid_base and time_base must be > 1; got {grid_base}, {time_base}")
         self.head_dim, self.mode = head_dim, mode
+        # what the rotation tables depend on besides the tokens: layers built alike share tables (`rotations`)
+        self.signature = (mode, head_dim, grid_base, min_wavelength_m, max_wavelength_m, time_base, axis_pairs)
         self.axis_pairs: tuple[int, int, int, int] | None = None
         self.prope_dim = 0
         if mode == "2d":
@@ -345,6 +354,18 @@ class GeometryRoPE(nn.Module):
         work = _work_dtype(coords.device)
         return coords.to(work) @ self.freqs.to(work)
 
+    def _table(self, geom: TokenGeometry, dtype: torch.dtype, anchor: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """cos and sin (B, 1, N, pairs) of geom's phases: of its grid, or (with `anchor`) of its points in the anchor
+        frame and its time. Kept in `geom.rotations` for the next layer with the same signature, anchor and dtype."""
+        key = (self.signature, dtype, None if anchor is None else id(anchor))
+        hit = geom.rotations.get(key)
+        if hit is not None and hit[0] is anchor:  # the anchor itself is kept, so its id cannot have been reused
+            return hit[1]
+        angles = self._phases(geom.grid if anchor is None else self._world_coords(geom, anchor))
+        table = (angles.cos().unsqueeze(1).to(dtype), angles.sin().unsqueeze(1).to(dtype))
+        geom.rotations[key] = (anchor, table)
+        return table
+
     def _world_coords(self, geom: TokenGeometry, anchor: Tensor) -> Tensor:
         """(B, N, 4): x, y, z in the anchor frame and time."""
         work = _work_dtype(geom.points.device)
@@ -364,18 +385,17 @@ class GeometryRoPE(nn.Module):
         if v.shape[:3] != k.shape[:3] or v.shape[-1] != self.head_dim:
             raise ValueError(f"v must be (B, heads, Nk, {self.head_dim}) like k {tuple(k.shape)}; got {tuple(v.shape)}")
         if self.mode == "2d":
-            return rotate_pairs(q, self._phases(geom.grid)), rotate_pairs(k, self._phases(kv_geom.grid)), v
+            return _rotate(q, *self._table(geom, q.dtype)), _rotate(k, *self._table(kv_geom, k.dtype)), v
         if self.mode == "3d-world":
-            q_angles = self._phases(self._world_coords(geom, geom.anchor))
-            k_angles = self._phases(self._world_coords(kv_geom, geom.anchor))
-            return rotate_pairs(q, q_angles), rotate_pairs(k, k_angles), v
+            q_rot = self._table(geom, q.dtype, geom.anchor)
+            return _rotate(q, *q_rot), _rotate(k, *self._table(kv_geom, k.dtype, geom.anchor)), v
         h = self.prope_dim
         work = _work_dtype(k.device)
         k_proj_inv = torch.linalg.inv(kv_geom.proj.to(work))
         q = torch.cat([project_blocks(q[..., :h], geom.proj.transpose(-1, -2)),
-                       rotate_pairs(q[..., h:], self._phases(geom.grid))], dim=-1)
+                       _rotate(q[..., h:], *self._table(geom, q.dtype))], dim=-1)
         k = torch.cat([project_blocks(k[..., :h], k_proj_inv),
-                       rotate_pairs(k[..., h:], self._phases(kv_geom.grid))], dim=-1)
+                       _rotate(k[..., h:], *self._table(kv_geom, k.dtype))], dim=-1)
         v = torch.cat([project_blocks(v[..., :h], k_proj_inv), v[..., h:]], dim=-1)
         return q, k, v
 

@@ -197,6 +197,28 @@ def test_streaming_matches_the_clip_forward(clips):
     torch.testing.assert_close(torch.stack(slots, 1), full.slots, atol=2e-4, rtol=1e-3)
 
 
+def test_streaming_without_the_reconstruction_decodes_the_same_masks(clips):
+    model = tiny().eval()
+    b = batch(clips, n=2, length=3)
+    outs = {}
+    with torch.no_grad():
+        for recon in (False, True):
+            torch.manual_seed(5)
+            state, outs[recon] = None, []
+            for t in range(3):
+                out, state = model.step(b["rgb"][:, t], b["depth"][:, t], b["intrinsics"][:, t], b["cam_pose"][:, t],
+                                        state, recon=recon)
+                outs[recon].append(out)
+        torch.manual_seed(5)
+        full = model(b["rgb"], b["depth"], b["intrinsics"], b["cam_pose"])
+    for light, whole in zip(outs[False], outs[True]):
+        assert light.recon is None and whole.recon.shape == (2, 1, 4, 64, 64)
+        for a, c in ((light.slots, whole.slots), (light.masks, whole.masks), (light.geometry, whole.geometry),
+                     *((light.extras[k], whole.extras[k]) for k in ("pixels", "centroid", "colour"))):
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([o.recon for o in outs[True]], 1), full.recon, atol=2e-4, rtol=1e-3)
+
+
 def test_sparse_with_all_blocks_equals_dense(clips):
     model = tiny(topk=64).eval()
     b = batch(clips, n=1, length=2)
