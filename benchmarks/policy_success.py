@@ -6,7 +6,8 @@
 
 Metric `success_rate` with fields `task`, `level`, `policy` (`slots` or `cnn`, from the checkpoint;
 `slots+wm-select` with `--select K --predictor DIR`, `slots+coherence` with `--coherence K`),
-`sampler`, `steps`, `episodes`, the Wilson 95% interval and the mean episode length. Episode i uses
+`sampler`, `steps`, `episodes`, the Wilson 95% interval, the mean episode length and the failed
+episodes by cause (`failures`: never saw a box, never saw a goal, no box moved, pushed but not placed). Episode i uses
 reset seed 1000 + i (the demonstrations use seeds from 0), in `--workers` processes.
 """
 
@@ -89,7 +90,7 @@ def main() -> None:
                  sampler=sampler, steps=steps, n_action=args.n_action or model.cfg.n_action, same_noise=args.same_noise,
                  episodes=episodes, ci95_low=round(r["ci95_low"], 3),
                  ci95_high=round(r["ci95_high"], 3), mean_length=round(r["mean_length"], 1),
-                 failed_seeds=[x["seed"] for x in r["results"] if not x["success"]][:20],
+                 failed_seeds=[x["seed"] for x in r["results"] if not x["success"]][:20], failures=r["failures"],
                  trained_on=json.dumps(config.get("data", {}).get("paths", [])), checkpoint=ck,
                  quick=args.quick, **machine())
     tmp.cleanup()

@@ -108,7 +108,8 @@ def write_report(out: Path, cfg: EvalConfig, r: dict[str, Any]) -> None:
              f"- success rate: **{r['success_rate']:.3f}** ({r['successes']}/{r['episodes']}, Wilson 95% "
              f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]), seeds {r['seed']}..{r['seed'] + r['episodes'] - 1}",
              f"- mean episode length: {r['mean_length']:.1f} steps; wall time {r['wall_s']:.0f} s",
-             f"- failed seeds: {[x['seed'] for x in failures][:30]}"]
+             f"- failed seeds: {[x['seed'] for x in failures][:30]}",
+             f"- failures by cause: {', '.join(f'{c}: {n}' for c, n in r['failures'].items())}"]
     videos = [x["video"] for x in failures if "video" in x]
     if videos:
         lines.append(f"- videos of failures: {', '.join(Path(v).name for v in videos[:10])} (in videos/)")
@@ -122,7 +123,7 @@ def main(cfg: DictConfig) -> None:
     def go() -> None:
         r = run(cfg)
         print(f"{r['task']}/{r['level']}: success {r['success_rate']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]"
-              f" over {r['episodes']} episodes, mean length {r['mean_length']:.1f}")
+              f" over {r['episodes']} episodes, mean length {r['mean_length']:.1f}; failures by cause {r['failures']}")
 
     run_cli("ego-eval", go, kept=cfg.out or "the finished videos")
 

@@ -225,8 +225,9 @@ def render_report(cfg: PolicyPipelineConfig, m: dict[str, Any], out: Path) -> st
     lines += ["## Policy success", "",
               f"Slot diffusion policy trained on {m['policy']['demo_episodes']} noisy-expert demonstrations of "
               f"{cfg.task}/{cfg.level} ({m['policy']['demo_steps']} steps); evaluation seeds from {cfg.eval_seed}.", "",
-              "| suite | task | level | re-plans every | chunk | episodes | success rate | 95% CI (Wilson) | mean length |",
-              "| --- | --- | --- | --- | --- | ---: | ---: | --- | ---: |"]
+              "| suite | task | level | re-plans every | chunk | episodes | success rate | 95% CI (Wilson) | mean length "
+              "| failures: box unseen / goal unseen / no box moved / not placed |",
+              "| --- | --- | --- | --- | --- | ---: | ---: | --- | ---: | --- |"]
     for name, r in m["evaluation"].items():
         n_action = r["controller"].get("n_action")
         every = f"{n_action} steps" if n_action else "as trained"
@@ -234,7 +235,7 @@ def render_report(cfg: PolicyPipelineConfig, m: dict[str, Any], out: Path) -> st
         chunk = f"predictor's best of {select}" if select else "one sample"
         lines.append(f"| {name} | {r['task']} | {r['level']} | {every} | {chunk} | {r['episodes']} "
                      f"| **{r['success_rate']:.2f}** | [{r['ci95_low']:.2f}, {r['ci95_high']:.2f}] "
-                     f"| {r['mean_length']:.1f} |")
+                     f"| {r['mean_length']:.1f} | {' / '.join(str(n) for n in r.get('failures', {}).values())} |")
     lines += ["", "## Stages", "", "| stage | wall time (min) | what |", "| --- | ---: | --- |"]
     what = {"demos": f"{m['demos']['dataset_episodes']} demonstrations",
             "encoder": f"{m['encoder']['step']} steps", "predictor": f"{m['predictor']['step']} steps",

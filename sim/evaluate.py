@@ -70,6 +70,51 @@ def compose_frame(overview: np.ndarray, rgb: np.ndarray, depth: np.ndarray) -> n
 
 # ---------------------------------------------------------------------------- episodes
 
+#: why an episode failed, in the order the task needs things done (the first that applies)
+FAILURE_CAUSES = ("never saw a box", "never saw a goal", "no box moved", "pushed, not placed")
+MOVED_M = 0.05  # a box counts as moved once this far from where it started
+
+
+class EpisodeAnatomy:
+    """What happened in one episode, read from the simulator's privileged `info` for the report (no
+    controller sees it): the step on which a box to push was first in the camera's view, and a goal;
+    how far the boxes were moved; the closest the task came to done; and, for a failure, its cause
+    (`FAILURE_CAUSES`: the first thing the task needed that did not happen)."""
+
+    def __init__(self, env: EgoPushEnv, info: dict[str, Any]) -> None:
+        self.boxes = env.pushable_indices()
+        self.tolerance = env.tolerance
+        self.start = np.asarray(info["object_poses"])[self.boxes, :2]
+        self.first_box: int | None = None
+        self.first_goal: int | None = None
+        self.moved_m = 0.0
+        self.best_error = math.inf
+        self.update(0, info)
+
+    def update(self, step: int, info: dict[str, Any]) -> None:
+        """The state after `step` env steps (0: at reset)."""
+        if self.first_box is None and np.asarray(info["visible"])[self.boxes].any():
+            self.first_box = step
+        if self.first_goal is None and np.asarray(info["goal_visible"]).any():
+            self.first_goal = step
+        shift = np.linalg.norm(np.asarray(info["object_poses"])[self.boxes, :2] - self.start, axis=-1)
+        self.moved_m = max(self.moved_m, float(shift.max()))
+        self.best_error = min(self.best_error, float(np.max(info["goal_errors"])))
+
+    def result(self, final: dict[str, Any]) -> dict[str, Any]:
+        cause = ""
+        if not final["is_success"]:
+            done = (self.first_box is not None, self.first_goal is not None, self.moved_m >= MOVED_M, False)
+            cause = FAILURE_CAUSES[done.index(False)]
+        return {"first_box_seen": self.first_box, "first_goal_seen": self.first_goal,
+                "box_moved_m": round(self.moved_m, 3), "min_goal_error": round(self.best_error, 3),
+                "goals_reached": int((np.asarray(final["goal_errors"]) < self.tolerance).sum()), "failure": cause}
+
+
+def failure_counts(results: list[dict[str, Any]]) -> dict[str, int]:
+    """Failed episodes per cause, every cause listed (0 where none)."""
+    return {c: sum(r.get("failure") == c for r in results) for c in FAILURE_CAUSES}
+
 
 class EpisodeEvaluator:
     """Worker-side runner: builds env and controller once, then evaluates one seeded episode per call."""
@@ -89,11 +134,13 @@ class EpisodeEvaluator:
         if self.video_dir is not None:
             video = VideoFile(self.video_dir / f"{cfg.task}_{cfg.level}_seed{seed:05d}.mp4", fps=CONTROL_HZ)
         try:
-            length, episode_return = 0, 0.0
+            length, episode_return, anatomy = 0, 0.0, None
             for tr in rollout(self.env, self.controller, seed, overview=video is not None):
                 if video is not None:
                     video.append(compose_frame(tr.overview, tr.obs["rgb"], tr.obs["depth"]))
+                anatomy = anatomy or EpisodeAnatomy(self.env, tr.info)
                 length += 1
+                anatomy.update(length, tr.next_info)
                 episode_return += tr.reward
         except BaseException:
             if video is not None:
@@ -108,6 +155,7 @@ class EpisodeEvaluator:
             "final_goal_error": float(np.max(final["goal_errors"])),
             "n_clipped_actions": int(final["n_clipped_actions"]),
             "formation": final["formation"],
+            **anatomy.result(final),
         }
         if video is not None:
             if self.videos == "all" or not result["success"]:
@@ -141,7 +189,9 @@ def evaluate(
     ci95_low/ci95_high (Wilson), mean_length, steps, wall_s, steps_per_s (after the
     workers were up), and
     `results`: per episode (by seed) seed, success, length, return,
-    final_goal_error, n_clipped_actions, formation and, where saved, video.
+    final_goal_error, n_clipped_actions, formation, `EpisodeAnatomy`'s fields (first_box_seen,
+    first_goal_seen, box_moved_m, min_goal_error, goals_reached, failure) and, where saved, video;
+    `failures`: the failed episodes per cause (`FAILURE_CAUSES`).
     With `video_dir`, MP4s of the failed episodes (`videos="all"`: of all) go there.
     """
     target = controller_config(controller)
@@ -177,5 +227,6 @@ def evaluate(
         "steps": steps,
         "wall_s": end - t0,
         "steps_per_s": steps / (end - pool.ready_time),
+        "failures": failure_counts(results),
         "results": results,
     }

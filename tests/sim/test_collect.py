@@ -20,8 +20,8 @@ import pytest
 
 from sim.collect import CollectConfig, EpisodeRecorder, collect, env_kwargs
 from sim.dataset import DatasetError, EpisodeDataset
-from sim.env import ACTION_HIGH, CONTROL_HZ, PROPRIO_FIELDS
-from sim.evaluate import evaluate, wilson_interval
+from sim.env import ACTION_HIGH, CONTROL_HZ, PROPRIO_FIELDS, EgoPushEnv
+from sim.evaluate import EpisodeAnatomy, evaluate, failure_counts, wilson_interval
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHORT = dict(task="single", level="easy", image_size=64, max_steps=30, progress=False)
@@ -188,6 +188,10 @@ def test_evaluate_expert_is_seeded_and_saves_failure_videos(tmp_path):
     assert (parallel["ci95_low"], parallel["ci95_high"]) == wilson_interval(parallel["successes"], 3)
     assert [r["seed"] for r in parallel["results"]] == [1000, 1001, 1002]
     assert parallel["mean_length"] == pytest.approx(np.mean([r["length"] for r in parallel["results"]]))
+    for r in parallel["results"]:  # easy: box and goal start in view
+        assert r["first_box_seen"] == 0 and r["first_goal_seen"] == 0
+        assert (r["failure"] == "") == r["success"] and r["goals_reached"] == int(r["success"])
+    assert sum(parallel["failures"].values()) == 3 - parallel["successes"]
 
     # Same seeds in this process, with videos: identical episodes; a video for each failure only.
     here = evaluate({"_target_": "sim.experts.PushExpert"}, workers=0, video_dir=tmp_path / "videos", **kwargs)
@@ -227,3 +231,29 @@ def test_any_controller_records_its_label(tmp_path):
     assert not np.allclose(ep["action"], ep["executed_action"])
     with pytest.raises(ValueError, match="_target_"):
         collect(out=str(tmp_path / "bad.zarr"), episodes=1, controller={"name": "expert"}, **SHORT)
+
+
+def test_episode_anatomy_names_the_first_thing_the_task_lacked():
+    env = EgoPushEnv(task="single", level="easy")
+    _, info = env.reset(seed=1000)
+    anatomy = EpisodeAnatomy(env, info)
+    for t in range(1, 6):  # standing still in front of the box
+        _, _, _, _, info = env.step(np.zeros(2, np.float32))
+        anatomy.update(t, info)
+    r = anatomy.result(info)
+    assert (r["first_box_seen"], r["first_goal_seen"], r["failure"]) == (0, 0, "no box moved")
+    assert r["box_moved_m"] < 0.01 and r["min_goal_error"] == pytest.approx(info["goal_errors"].max(), abs=1e-3)
+
+    blind = {**info, "visible": np.zeros_like(info["visible"]), "goal_visible": np.zeros_like(info["goal_visible"])}
+    assert EpisodeAnatomy(env, blind).result(blind)["failure"] == "never saw a box"
+    box_only = {**blind, "visible": info["visible"]}
+    assert EpisodeAnatomy(env, box_only).result(box_only)["failure"] == "never saw a goal"
+    pushed = EpisodeAnatomy(env, info)
+    moved = info["object_poses"].copy()
+    moved[env.pushable_indices()[0], :2] += [0.2, 0.0]
+    pushed.update(1, {**info, "object_poses": moved})
+    r = pushed.result(info)
+    assert r["failure"] == "pushed, not placed" and r["box_moved_m"] == pytest.approx(0.2, abs=1e-3)
+    assert failure_counts([r, {"failure": ""}]) == {"never saw a box": 0, "never saw a goal": 0, "no box moved": 0,
+                                                    "pushed, not placed": 1}
+    env.close()
