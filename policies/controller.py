@@ -57,7 +57,7 @@ class DiffusionPolicyController:
                  sampler: str | None = None, steps: int | None = None, n_action: int | None = None,
                  seed: int = 0, device: str = "cpu", threads: int = 1, select: int = 0,
                  predictor: str | None = None, same_noise: bool = False, coherence: int = 0,
-                 coherence_decay: float = 0.9) -> None:
+                 coherence_decay: float = 0.9, forget_steps: int | None = None) -> None:
         from policies.train import load_policy
 
         if threads > 0:
@@ -100,6 +100,9 @@ class DiffusionPolicyController:
             raise ValueError(f"coherence_decay must lie in (0, 1]; got {coherence_decay}")
         self.coherence = coherence
         self.coherence_decay = coherence_decay
+        # the object tracker's memory: as the policy was trained, unless overridden (an experiment)
+        self.forget_steps = forget_steps or cfg.memory_forget_steps
+        SlotMemory(forget_steps=self.forget_steps)  # validates it here, not at the first reset
         self._rest: np.ndarray | None = None  # the unexecuted actions of the current chunk
         self.last_selection: dict[str, Any] = {}  # the candidates' costs and the one run (select or coherence)
         self.select = select
@@ -120,7 +123,7 @@ class DiffusionPolicyController:
         self._history: deque = deque(maxlen=cfg.n_obs)
         self._buffer: list[np.ndarray] = []
         self._stream = None
-        self._memory = SlotMemory()
+        self._memory = SlotMemory(forget_steps=self.forget_steps)
         self._start_pose: torch.Tensor | None = None
         self._gen = torch.Generator(self.device)
 
@@ -136,7 +139,7 @@ class DiffusionPolicyController:
         self._buffer = []
         self._rest = None
         self._stream = None
-        self._memory = SlotMemory()
+        self._memory = SlotMemory(forget_steps=self.forget_steps)
         self._start_pose = torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device)
         if self.selector is not None:
             self.selector.reset(obs, info)  # its own encoder stream, the goal and the box's slot

@@ -47,6 +47,7 @@ class EvalConfig:
     predictor: str = ""  # with select > 0: the predictor checkpoint (trained on the policy's encoder)
     coherence: int = 0  # sample this many chunks, execute the one that best continues the current chunk
     coherence_decay: float = 0.9  # with coherence: the weight of each further step of agreement
+    forget_steps: int | None = None  # the object tracker's memory (SlotMemory); None = as the policy was trained
     videos: str = "failures"  # failures | all | none
     max_steps: int | None = None
     out: str = ""  # default: <checkpoint>/eval_<task>_<level> (or runs/eval/expert_<task>_<level>)
@@ -75,6 +76,8 @@ def controller_target(cfg: EvalConfig) -> dict[str, Any]:
         target |= {"select": cfg.select, "predictor": cfg.predictor}
     if cfg.coherence > 0:
         target |= {"coherence": cfg.coherence, "coherence_decay": cfg.coherence_decay}
+    if cfg.forget_steps:
+        target["forget_steps"] = cfg.forget_steps
     return target
 
 

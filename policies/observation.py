@@ -57,7 +57,7 @@ class SlotMemory:
        last seen world centre over `pos_scale_m` plus the distance between their mean colours over
        `colour_scale`; a detection that costs more than `gate` against a track is not that object.
        A new object starts a track, on one never used, else on the one unseen longest if that has
-       gone unseen for over 50 steps, else it goes untracked.
+       gone unseen for over `forget_steps` steps (50), else it goes untracked.
 
     A track whose object is out of view (or hidden behind the box being pushed, as the goal disc is)
     keeps its last seen centre, moved into the robot's current frame by odometry, its slot vector
@@ -65,8 +65,11 @@ class SlotMemory:
     Streams are batched: one memory per batch of streams, reset per episode."""
 
     def __init__(self, pos_scale_m: float = 0.15, colour_scale: float = 0.15, gate: float = 3.0,
-                 merge_m: float = 0.15, merge_colour: float = 0.15) -> None:
+                 merge_m: float = 0.15, merge_colour: float = 0.15, forget_steps: int = 50) -> None:
+        if isinstance(forget_steps, bool) or not isinstance(forget_steps, int) or forget_steps < 1:
+            raise ValueError(f"forget_steps must be a positive int; got {forget_steps!r}")
         self.pos_scale_m, self.colour_scale, self.gate = pos_scale_m, colour_scale, gate
+        self.forget_steps = forget_steps
         self.merge_m, self.merge_colour = merge_m, merge_colour
         self.state: np.ndarray | None = None  # (B, K, S + 3 + 3): last seen slot vector, colour, world centre
         self.age: np.ndarray | None = None  # (B, K) steps since seen; NEVER_SEEN_AGE for an unused track
@@ -147,8 +150,9 @@ class SlotMemory:
         # a detection beyond the gate is another object. It starts a track: on an unused one at the gate's
         # cost; on a used one, dropping its memory, at a cost falling from 3 to 2 gates as that goes
         # unseen. Past 2.5 gates it goes untracked instead (rows of their own), so only objects unseen
-        # for over 50 steps are forgotten for a new one
-        fresh = self.gate * np.where(known, 3 - np.minimum(age, 100) / 100, 1.0)
+        # for over forget_steps are forgotten for a new one
+        span = 2 * self.forget_steps
+        fresh = self.gate * np.where(known, 3 - np.minimum(age, span) / span, 1.0)
         cost = np.where(known[:, None] & (cost <= self.gate), cost, fresh[:, None])
         cost = np.concatenate([cost, np.full((len(det), len(det)), 2.5 * self.gate)])
         rows, cols = linear_sum_assignment(cost)

@@ -52,6 +52,9 @@ class PolicyConfig:
     # objects and goal markers whose remembered positions an auxiliary head reads back from the conditioning
     # in training (`aux_loss`; filled in from the data when train.aux_weight > 0); 0: no head
     aux_targets: int = 0
+    # slots: steps a remembered object may go unseen before its track can be taken by a new one
+    # (`SlotMemory.forget_steps`): the tracker the demonstrations were encoded with and the controller runs
+    memory_forget_steps: int = 50
     cnn_width: int = 32  # cnn: ResNet base width (ResNet-18 layout)
     cnn_stem_stride: int = 2  # cnn: 1 keeps the first stage at full resolution (4x the compute)
     # filled in from the data at training time

@@ -148,6 +148,28 @@ def test_slot_memory_follows_an_object_that_changes_slot():
     assert tok[2, 10] == 0 and not np.allclose(tok[2, 1:4].numpy(), red)  # the floor took the third track
 
 
+@pytest.mark.parametrize("forget_steps", [5, 50])
+def test_slot_memory_hands_an_unseen_track_to_a_new_object_only_after_forget_steps(forget_steps):
+    """Two tracks, both used: a green disc out of view, a red box in view. A blue object that comes
+    into view takes the disc's track once the disc has gone unseen for over `forget_steps` steps;
+    before that it goes untracked and the disc stays remembered."""
+    red, green, blue = [0.8, 0.1, 0.1], [0.2, 0.7, 0.3], [0.1, 0.2, 0.8]
+    mem, cam = SlotMemory(forget_steps=forget_steps), _camera_along_x()
+    _tokens([[1.5, 0.3, 0.0], [1.0, 0.0, 0.05]], [40, 300], cam, mem, [green, red])
+    for step in range(1, 21):  # the disc is gone; from step 3 on, slot 0 sees a blue object far from it
+        new = step >= 3
+        tok = _tokens([[1.2, -0.6, 0.05] if new else [0.0, 0.0, 0.0], [1.0, 0.0, 0.05]], [60 if new else 0, 300],
+                      cam, mem, [blue if new else green, red])
+    if forget_steps < 20:
+        np.testing.assert_allclose(tok[0, 1:4].numpy(), blue, atol=1e-6)
+        assert tok[0, 10] == 0
+    else:
+        np.testing.assert_allclose(tok[0, 1:4].numpy(), green, atol=1e-6)
+        np.testing.assert_allclose(tok[0, 4:6].numpy(), [1.5, 0.3], atol=1e-5)
+    with pytest.raises(ValueError, match="forget_steps"):
+        SlotMemory(forget_steps=0)
+
+
 def test_token_tail_reads_only_a_tracks_colour_and_geometry():
     from policies.policy import DiffusionPolicy, PolicyConfig
 
@@ -369,6 +391,9 @@ def test_ego_eval_passes_n_action_to_the_controller(slots_policy):
     target = controller_target(EvalConfig(checkpoint=str(slots_policy), n_action=2))
     assert target["n_action"] == 2 and instantiate(target).n_action == 2
     assert "n_action" not in controller_target(EvalConfig(checkpoint=str(slots_policy)))
+    # the tracker's memory: the policy's own, or what ego-eval says
+    assert instantiate(target).forget_steps == 50
+    assert instantiate(controller_target(EvalConfig(checkpoint=str(slots_policy), forget_steps=300))).forget_steps == 300
 
 
 def test_same_noise_draws_every_chunk_of_an_episode_from_one_noise(slots_policy):
