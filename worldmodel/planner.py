@@ -445,7 +445,9 @@ class LatentPlanner:
         For the first `settle_steps` frames after reset each box's track is re-pointed at the slot
         nearest to the box's given start position when that slot's centre is within `settle_m` of it:
         a stream's first frames segment worst (slots start from noise), and a track started on a floor
-        slot beside the box follows the floor all episode.
+        slot beside the box follows the floor all episode. A box that no slot came near by then (out of
+        view at reset, as on the hard level) is searched for in the same way on every later frame,
+        and settled for `settle_steps` frames from the first on which a slot is within `settle_m`.
     goal = "observation": call `set_goal_observation(obs)` (an observation of the goal scene)."""
 
     def __init__(self, encoder: torch.nn.Module, predictor: CausalJEPAPredictor, cfg: PlannerConfig | None = None,
@@ -478,6 +480,7 @@ class LatentPlanner:
         self.tracker = SlotTracker() if self.track else None
         self._raw: tuple[Tensor, Tensor] | None = None  # the last frame's raw features and colours
         self._start_positions: np.ndarray | None = None  # (G, 2) the boxes' given start positions
+        self._found_at: list[int | None] = []  # per box, the first frame a slot was within settle_m of its start
 
     # -- goals ---------------------------------------------------------------------
 
@@ -524,6 +527,7 @@ class LatentPlanner:
             boxes = np.asarray(info["object_poses"], np.float32)[pushable, :2]
             self.set_goal_state(goal, self.slots_near(boxes))
             self._start_positions = boxes
+            self._found_at = [None] * len(boxes)
 
     def act(self, obs: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> np.ndarray:
         if len(self.features) == len(self.executed):  # reset() already encoded the first observation
@@ -554,8 +558,8 @@ class LatentPlanner:
         if self.tracker is not None:
             colour, pixels = out.extras["colour"][0, 0].float(), out.extras["pixels"][0, 0]
             self._raw = (features, colour)
-            if self._start_positions is not None and len(self.features) <= self.settle_steps:  # frames 1..settle
-                self._settle(features, colour)
+            if self._start_positions is not None:
+                self._settle(features, colour, frame=len(self.features))
             features = self.tracker(features, colour, pixels)
         self.features.append(features)
         self.cam_pose.append(torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device))
@@ -563,10 +567,22 @@ class LatentPlanner:
         self.proprio.append(torch.zeros(4, device=self.device) if proprio is None
                             else torch.as_tensor(proprio, dtype=torch.float32, device=self.device))
 
-    def _settle(self, features: Tensor, colour: Tensor) -> None:
-        """Re-point each track at this frame's slot nearest to its box's start position, if within `settle_m`."""
+    def _settle(self, features: Tensor, colour: Tensor, frame: int) -> None:
+        """Re-point each box's track at this frame's slot nearest to the box's start position, if within
+        `settle_m`: on frames 1..settle_steps, and for a box first found later, on its first settle_steps
+        frames from then (see the class docstring)."""
         slots, dist = self._match_near(self._start_positions, features)
-        self.tracker.retarget(features, colour, [k if d < self.settle_m else None for k, d in zip(slots, dist)])
+        targets = []
+        for g, (k, d) in enumerate(zip(slots, dist)):
+            near = bool(d < self.settle_m)
+            if near and self._found_at[g] is None:
+                self._found_at[g] = frame
+            found = self._found_at[g]  # found after the first window: a window of its own from then
+            settling = (frame <= self.settle_steps or found is None
+                        or (found > self.settle_steps and frame - found < self.settle_steps))
+            targets.append(k if near and settling else None)
+        if any(t is not None for t in targets):
+            self.tracker.retarget(features, colour, targets)
 
     @contextmanager
     def _seeded(self) -> Iterator[None]:

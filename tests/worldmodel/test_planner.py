@@ -373,3 +373,28 @@ def test_latent_planner_drives_an_episode():
         assert ctrl.act(obs).shape == (2,)
     finally:
         env.close()
+
+
+def test_settling_searches_for_a_box_out_of_view_until_a_slot_comes_near_its_start():
+    """Box 0 is near a slot from frame 1 (settled on frames 1..3 only); box 1 is out of view until frame
+    6, then settled on frames 6..8; a slot far from a box's start is never taken for it."""
+    from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder
+
+    enc = ObjectCentricEncoder(EncoderConfig(dim=32, layers=1, heads=2, slot_dim=12, decoder_hidden=32,
+                                             num_slots=4, pixel_embed=0))
+    ctrl = LatentPlanner(enc, tiny_predictor(), PlannerConfig(samples=4, iterations=1, elites=2, horizon=2),
+                         settle_steps=3, settle_m=0.1)
+    ctrl._start_positions, ctrl._found_at = np.zeros((2, 2), np.float32), [None, None]
+    calls = []
+    ctrl.tracker.retarget = lambda features, colour, targets: calls.append(targets)
+    for frame in range(1, 12):
+        far = 0.5 if frame < 6 else 0.05  # box 1's nearest slot: far away until frame 6
+        ctrl._match_near = lambda positions, features, far=far: ([2, 3], np.array([0.02, far]))
+        calls.append(frame)
+        ctrl._settle(torch.zeros(4, 17), torch.zeros(4, 3), frame=frame)
+    settled = {}
+    for i, c in enumerate(calls):
+        if isinstance(c, list):
+            settled[calls[i - 1]] = c
+    assert settled == {1: [2, None], 2: [2, None], 3: [2, None], 6: [None, 3], 7: [None, 3], 8: [None, 3]}
+    assert ctrl._found_at == [1, 6]
