@@ -83,13 +83,14 @@ def load_oracle_demos(paths: list[str]):
 class OracleController:
     """The trained oracle-token policy as a `sim` Controller (reads `info`: privileged)."""
 
-    def __init__(self, checkpoint: str, seed: int = 0, threads: int = 1) -> None:
+    def __init__(self, checkpoint: str, seed: int = 0, threads: int = 1, n_action: int | None = None) -> None:
         import torch
 
         from policies.train import load_policy
 
         torch.set_num_threads(threads)
         self.policy, _ = load_policy(checkpoint)
+        self.n_action = n_action or self.policy.cfg.n_action
         self.seed = seed
         self.gen = torch.Generator()
 
@@ -117,7 +118,7 @@ class OracleController:
             chunk = self.policy.predict(torch.stack([x[0] for x in h])[None], torch.stack([x[1] for x in h])[None],
                                         generator=self.gen)[0].numpy()
             first = self.policy.cfg.n_obs - 1
-            self.buffer = list(chunk[first:first + self.policy.cfg.n_action])
+            self.buffer = list(chunk[first:first + self.n_action])
         return self.buffer.pop(0).astype(np.float32)
 
 
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=8.0, help="per phase, as the pipeline")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--n-action", type=int, default=None,
+                        help="actions executed per chunk before re-planning (default: the trained 8)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
 
@@ -152,14 +155,17 @@ def main() -> None:
         raise SystemExit(f"demonstrations {demos} not found: run ego-pipeline first, or pass --demos")
     train({"out": out, "encoder": "", "progress": not args.quick,
            "data": {"paths": demos, "task": args.task, "level": args.level},
-           "policy": {"obs": "slots"} | ({"down_dims": [16, 32], "cond_dim": 32} if args.quick else {}),
+           # an oracle token is read whole (the slots policy's token_tail keeps a track's colour and geometry)
+           "policy": {"obs": "slots", "token_tail": 0} | ({"down_dims": [16, 32], "cond_dim": 32} if args.quick else {}),
            "train": {"steps": steps, "distill_steps": distill, "time_budget_min": args.budget_min}},
           demos=load_oracle_demos(demos))  # the one change: privileged tokens instead of the encoder's slots
-    r = evaluate({"_target_": "policy_oracle_perception.OracleController", "checkpoint": out}, task=args.task,
+    r = evaluate({"_target_": "policy_oracle_perception.OracleController", "checkpoint": out,
+                  "n_action": args.n_action}, task=args.task,
                  level=args.level, episodes=episodes, seed=1000, workers=args.workers, progress=not args.quick)
     emit(BENCH, "success_rate", r["success_rate"], "fraction", task=args.task, level=args.level,
          policy="oracle-tokens", episodes=episodes, ci95=[round(r["ci95_low"], 3), round(r["ci95_high"], 3)],
-         mean_length=round(r["mean_length"], 1), checkpoint=out, demos=demos, **machine())
+         n_action=args.n_action, mean_length=round(r["mean_length"], 1), failures=r["failures"], checkpoint=out,
+         demos=demos, **machine())
 
 
 if __name__ == "__main__":
