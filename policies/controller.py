@@ -102,7 +102,6 @@ class DiffusionPolicyController:
         self.coherence_decay = coherence_decay
         # the object tracker's memory: as the policy was trained, unless overridden (an experiment)
         self.forget_steps = forget_steps or cfg.memory_forget_steps
-        SlotMemory(forget_steps=self.forget_steps)  # validates it here, not at the first reset
         self._rest: np.ndarray | None = None  # the unexecuted actions of the current chunk
         self.last_selection: dict[str, Any] = {}  # the candidates' costs and the one run (select or coherence)
         self.select = select

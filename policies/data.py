@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from policies.observation import SlotMemory, frame_tokens, rgbd_image, robot_state
+from policies.observation import FORGET_STEPS, SlotMemory, frame_tokens, rgbd_image, robot_state
 from sim.collect import STATE_KEYS  # privileged state: read for the auxiliary targets only, never as input
 from sim.dataset import EpisodeDataset
 from sim.geometry import to_local
@@ -115,7 +115,7 @@ def _read_episodes(paths: list[str], keys: tuple[str, ...], optional: tuple[str,
 def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = None, *,
                cache_dir: str | Path | None = None, encoder_dir: str | Path | None = None,
                device: str | torch.device = "cpu", batch: int = 16, seed: int = 0,
-               progress: bool = True, forget_steps: int = 50) -> DemoData:
+               progress: bool = True, forget_steps: int = FORGET_STEPS) -> DemoData:
     """Demonstrations for policy `kind` ("slots" needs the frozen `encoder`; with `cache_dir` and
     `encoder_dir` the slot tokens are cached on disk; `forget_steps`: the object tracker's, `SlotMemory`)."""
     if kind not in ("slots", "cnn"):
@@ -203,9 +203,10 @@ def datasets_fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(encoder_dir: str | Path, paths: list[str], seed: int, forget_steps: int = 50) -> str:
-    # the tracker's default (50) adds nothing to the key, so caches written before it was an option stay valid
-    h = hashlib.sha256(f"v{CACHE_VERSION} seed{seed}{'' if forget_steps == 50 else f' forget{forget_steps}'}".encode())
+def cache_key(encoder_dir: str | Path, paths: list[str], seed: int, forget_steps: int = FORGET_STEPS) -> str:
+    # the tracker's default adds nothing to the key, so caches written before it was an option stay valid
+    tracker = "" if forget_steps == FORGET_STEPS else f" forget{forget_steps}"
+    h = hashlib.sha256(f"v{CACHE_VERSION} seed{seed}{tracker}".encode())
     h.update(hashlib.sha256((Path(encoder_dir) / "model.safetensors").read_bytes()).digest())
     h.update(datasets_fingerprint(paths).encode())
     return h.hexdigest()[:16]
@@ -214,7 +215,7 @@ def cache_key(encoder_dir: str | Path, paths: list[str], seed: int, forget_steps
 @torch.no_grad()
 def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarray]], *,
                     device: str | torch.device = "cpu", batch: int = 16, seed: int = 0,
-                    progress: bool = True, forget_steps: int = 50) -> np.ndarray:
+                    progress: bool = True, forget_steps: int = FORGET_STEPS) -> np.ndarray:
     """Stream the encoder over each episode with `step()` (episodes in lockstep, `batch` at a time,
     grouped by length) -> slot tokens (N, K, S + TOKEN_EXTRA_DIM), episodes concatenated in the given order."""
     device = torch.device(device)

@@ -25,6 +25,7 @@ TOKEN_EXTRA_DIM = 10
 MIN_SEEN_PIXELS = 4  # a slot holding fewer valid-depth pixels does not see its object now
 NEVER_SEEN_AGE = 1000  # steps; what the age feature says of a slot that has never held an object
 DEPTH_SCALE_M = 3.0  # depth / 3 m: about [0, 1.3] over the sensor's range
+FORGET_STEPS = 50  # `SlotMemory.forget_steps` by default: what every policy before the option was trained with
 
 
 def planar_pose(cam_pose: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,7 +58,7 @@ class SlotMemory:
        last seen world centre over `pos_scale_m` plus the distance between their mean colours over
        `colour_scale`; a detection that costs more than `gate` against a track is not that object.
        A new object starts a track, on one never used, else on the one unseen longest if that has
-       gone unseen for over `forget_steps` steps (50), else it goes untracked.
+       gone unseen for over `forget_steps` steps (`FORGET_STEPS`), else it goes untracked.
 
     A track whose object is out of view (or hidden behind the box being pushed, as the goal disc is)
     keeps its last seen centre, moved into the robot's current frame by odometry, its slot vector
@@ -65,7 +66,7 @@ class SlotMemory:
     Streams are batched: one memory per batch of streams, reset per episode."""
 
     def __init__(self, pos_scale_m: float = 0.15, colour_scale: float = 0.15, gate: float = 3.0,
-                 merge_m: float = 0.15, merge_colour: float = 0.15, forget_steps: int = 50) -> None:
+                 merge_m: float = 0.15, merge_colour: float = 0.15, forget_steps: int = FORGET_STEPS) -> None:
         if isinstance(forget_steps, bool) or not isinstance(forget_steps, int) or forget_steps < 1:
             raise ValueError(f"forget_steps must be a positive int; got {forget_steps!r}")
         self.pos_scale_m, self.colour_scale, self.gate = pos_scale_m, colour_scale, gate

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from policies.diffusion import ConditionalUnet1D, DDPMSchedule, diffusion_loss, sample_consistency, sample_ddim
 from policies.obs_encoders import RGBDResNetEncoder, SlotSetEncoder
-from policies.observation import TOKEN_EXTRA_DIM
+from policies.observation import FORGET_STEPS, TOKEN_EXTRA_DIM
 
 OBS_KINDS = ("slots", "cnn")
 SAMPLERS = ("ddim", "consistency")
@@ -54,7 +54,7 @@ class PolicyConfig:
     aux_targets: int = 0
     # slots: steps a remembered object may go unseen before its track can be taken by a new one
     # (`SlotMemory.forget_steps`): the tracker the demonstrations were encoded with and the controller runs
-    memory_forget_steps: int = 50
+    memory_forget_steps: int = FORGET_STEPS
     cnn_width: int = 32  # cnn: ResNet base width (ResNet-18 layout)
     cnn_stem_stride: int = 2  # cnn: 1 keeps the first stage at full resolution (4x the compute)
     # filled in from the data at training time
