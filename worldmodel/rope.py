@@ -207,13 +207,9 @@ def patch_geometry(depth: Tensor, intrinsics: Tensor, cam_pose: Tensor, patch: i
     )
 
 
-def rotate_pairs(x: Tensor, angles: Tensor) -> Tensor:
-    """RoFormer rotation: pair (x_2i, x_2i+1) turns by angles[..., i]. x (B, heads, N, D), angles (B, N, D/2)."""
-    return _rotate(x, angles.cos().unsqueeze(1).to(x.dtype), angles.sin().unsqueeze(1).to(x.dtype))
-
-
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """`rotate_pairs` with the angles' cos and sin given, (B, 1, N, D/2) each."""
+    """RoFormer rotation: pair (x_2i, x_2i+1) turns by angle i. x (B, heads, N, D), the angles' cos and sin
+    (B, 1, N, D/2) each (`GeometryRoPE._table`)."""
     x_even, x_odd = x[..., 0::2], x[..., 1::2]
     return torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1).flatten(-2)
 
