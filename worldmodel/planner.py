@@ -558,8 +558,9 @@ class LatentPlanner:
         if self.tracker is not None:
             colour, pixels = out.extras["colour"][0, 0].float(), out.extras["pixels"][0, 0]
             self._raw = (features, colour)
-            if self._start_positions is not None:
-                self._settle(features, colour, frame=len(self.features))
+            frame = len(self.features)
+            if self._start_positions is not None and any(self._settling(g, frame) for g in range(len(self._found_at))):
+                self._settle(features, colour, frame)
             features = self.tracker(features, colour, pixels)
         self.features.append(features)
         self.cam_pose.append(torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device))
@@ -575,14 +576,19 @@ class LatentPlanner:
         targets = []
         for g, (k, d) in enumerate(zip(slots, dist)):
             near = bool(d < self.settle_m)
+            settling = self._settling(g, frame)
             if near and self._found_at[g] is None:
                 self._found_at[g] = frame
-            found = self._found_at[g]  # found after the first window: a window of its own from then
-            settling = (frame <= self.settle_steps or found is None
-                        or (found > self.settle_steps and frame - found < self.settle_steps))
             targets.append(k if near and settling else None)
         if any(t is not None for t in targets):
             self.tracker.retarget(features, colour, targets)
+
+    def _settling(self, g: int, frame: int) -> bool:
+        """Whether box g's track may be re-pointed on `frame`: in the first window, while the box has not
+        been found, and in the window of its own from a find after the first window."""
+        found = self._found_at[g]
+        return (frame <= self.settle_steps or found is None
+                or (found > self.settle_steps and frame - found < self.settle_steps))
 
     @contextmanager
     def _seeded(self) -> Iterator[None]:
