@@ -122,7 +122,7 @@ class DiffusionPolicyController:
         self._history: deque = deque(maxlen=cfg.n_obs)
         self._buffer: list[np.ndarray] = []
         self._stream = None
-        self._memory = SlotMemory(forget_steps=self.forget_steps)
+        self._memory = SlotMemory(cfg.tracker, self.forget_steps)
         self._start_pose: torch.Tensor | None = None
         self._gen = torch.Generator(self.device)
 
@@ -138,7 +138,7 @@ class DiffusionPolicyController:
         self._buffer = []
         self._rest = None
         self._stream = None
-        self._memory = SlotMemory(forget_steps=self.forget_steps)
+        self._memory = SlotMemory(self.policy.cfg.tracker, self.forget_steps)
         self._start_pose = torch.as_tensor(obs["cam_pose"], dtype=torch.float32, device=self.device)
         if self.selector is not None:
             self.selector.reset(obs, info)  # its own encoder stream, the goal and the box's slot

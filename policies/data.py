@@ -115,9 +115,10 @@ def _read_episodes(paths: list[str], keys: tuple[str, ...], optional: tuple[str,
 def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = None, *,
                cache_dir: str | Path | None = None, encoder_dir: str | Path | None = None,
                device: str | torch.device = "cpu", batch: int = 16, seed: int = 0,
-               progress: bool = True, forget_steps: int = FORGET_STEPS) -> DemoData:
+               progress: bool = True, tracker: str = "objects", forget_steps: int = FORGET_STEPS) -> DemoData:
     """Demonstrations for policy `kind` ("slots" needs the frozen `encoder`; with `cache_dir` and
-    `encoder_dir` the slot tokens are cached on disk; `forget_steps`: the object tracker's, `SlotMemory`)."""
+    `encoder_dir` the slot tokens are cached on disk; `tracker`, `forget_steps`: the object tracker's,
+    `SlotMemory`)."""
     if kind not in ("slots", "cnn"):
         raise ValueError(f"kind must be 'slots' or 'cnn'; got {kind!r}")
     if not paths:
@@ -152,14 +153,14 @@ def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = No
         eps = [ep for p, _, ep in items if p == path]
         cache = None
         if cache_dir is not None and encoder_dir is not None:
-            cache = Path(cache_dir) / f"policy_slots_{cache_key(encoder_dir, [path], seed, forget_steps)}.npy"
+            cache = Path(cache_dir) / f"policy_slots_{cache_key(encoder_dir, [path], seed, tracker, forget_steps)}.npy"
             if cache.exists():
                 cached = np.load(cache)
                 if len(cached) == sum(len(ep["action"]) for ep in eps):
                     tokens.append(cached)
                     continue
         tok = encode_episodes(encoder, eps, device=device, batch=batch, seed=seed, progress=progress,
-                              forget_steps=forget_steps)
+                              tracker=tracker, forget_steps=forget_steps)
         if cache is not None:
             from worldmodel.checkpoint import _atomic_write
 
@@ -203,10 +204,12 @@ def datasets_fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(encoder_dir: str | Path, paths: list[str], seed: int, forget_steps: int = FORGET_STEPS) -> str:
-    # the tracker's default adds nothing to the key, so caches written before it was an option stay valid
-    tracker = "" if forget_steps == FORGET_STEPS else f" forget{forget_steps}"
-    h = hashlib.sha256(f"v{CACHE_VERSION} seed{seed}{tracker}".encode())
+def cache_key(encoder_dir: str | Path, paths: list[str], seed: int, tracker: str = "objects",
+              forget_steps: int = FORGET_STEPS) -> str:
+    # the legacy tracker with its memory adds nothing to the key, so caches written before the options stay valid
+    settings = ("" if tracker == "legacy" else f" {tracker}") + ("" if forget_steps == FORGET_STEPS
+                                                                else f" forget{forget_steps}")
+    h = hashlib.sha256(f"v{CACHE_VERSION} seed{seed}{settings}".encode())
     h.update(hashlib.sha256((Path(encoder_dir) / "model.safetensors").read_bytes()).digest())
     h.update(datasets_fingerprint(paths).encode())
     return h.hexdigest()[:16]
@@ -215,7 +218,7 @@ def cache_key(encoder_dir: str | Path, paths: list[str], seed: int, forget_steps
 @torch.no_grad()
 def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarray]], *,
                     device: str | torch.device = "cpu", batch: int = 16, seed: int = 0,
-                    progress: bool = True, forget_steps: int = FORGET_STEPS) -> np.ndarray:
+                    progress: bool = True, tracker: str = "objects", forget_steps: int = FORGET_STEPS) -> np.ndarray:
     """Stream the encoder over each episode with `step()` (episodes in lockstep, `batch` at a time,
     grouped by length) -> slot tokens (N, K, S + TOKEN_EXTRA_DIM), episodes concatenated in the given order."""
     device = torch.device(device)
@@ -230,7 +233,7 @@ def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarra
             group = order[g:g + batch]
             t_max = int(lengths[group].max())
             parts = []
-            state, memory = None, SlotMemory(forget_steps=forget_steps)
+            state, memory = None, SlotMemory(tracker, forget_steps)
             for t in range(t_max):
                 idx = [min(t, lengths[i] - 1) for i in group]  # finished episodes repeat their last frame
                 frame = {k: torch.from_numpy(np.stack([episodes[i][k][j] for i, j in zip(group, idx)])).to(device)

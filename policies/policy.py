@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from policies.diffusion import ConditionalUnet1D, DDPMSchedule, diffusion_loss, sample_consistency, sample_ddim
 from policies.obs_encoders import RGBDResNetEncoder, SlotSetEncoder
-from policies.observation import FORGET_STEPS, TOKEN_EXTRA_DIM
+from policies.observation import FORGET_STEPS, TOKEN_EXTRA_DIM, TRACKERS
 
 OBS_KINDS = ("slots", "cnn")
 SAMPLERS = ("ddim", "consistency")
@@ -55,6 +55,9 @@ class PolicyConfig:
     # slots: steps a remembered object may go unseen before its track can be taken by a new one
     # (`SlotMemory.forget_steps`): the tracker the demonstrations were encoded with and the controller runs
     memory_forget_steps: int = FORGET_STEPS
+    # slots: the object tracker's settings, a preset of `observation.TRACKERS` (which slots are objects, how
+    # colours compare); a checkpoint written before the option has none and runs "legacy"
+    tracker: str = "objects"
     cnn_width: int = 32  # cnn: ResNet base width (ResNet-18 layout)
     cnn_stem_stride: int = 2  # cnn: 1 keeps the first stage at full resolution (4x the compute)
     # filled in from the data at training time
@@ -67,6 +70,8 @@ class PolicyConfig:
     def check(self) -> None:
         if self.obs not in OBS_KINDS:
             raise ValueError(f"policy.obs must be one of {OBS_KINDS}; got {self.obs!r}")
+        if self.tracker not in TRACKERS:
+            raise ValueError(f"policy.tracker must be one of {sorted(TRACKERS)}; got {self.tracker!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"policy.sampler must be one of {SAMPLERS}; got {self.sampler!r}")
         if not (1 <= self.n_obs and 1 <= self.n_action and self.n_obs - 1 + self.n_action <= self.horizon):
@@ -79,7 +84,7 @@ def config_from_dict(d: dict[str, Any]) -> PolicyConfig:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown policy config fields {unknown}")
-    return PolicyConfig(**d)
+    return PolicyConfig(**{"tracker": "legacy", **d})  # written before the tracker was an option: legacy
 
 
 class DiffusionPolicy(nn.Module):

@@ -259,7 +259,8 @@ def _load_data(cfg: TrainPolicyConfig, paths: list[str], out: Path, dev: torch.d
             if (Path(cfg.encoder) / f).exists():
                 shutil.copy2(Path(cfg.encoder) / f, out / "encoder" / f)
     return load_demos(paths, pc.obs, encoder, cache_dir=cfg.cache_dir or out / "cache", encoder_dir=cfg.encoder,
-                      device=dev, seed=tc.seed, progress=cfg.progress, forget_steps=pc.memory_forget_steps)
+                      device=dev, seed=tc.seed, progress=cfg.progress, tracker=pc.tracker,
+                      forget_steps=pc.memory_forget_steps)
 
 
 def _resolved(cfg: TrainPolicyConfig, mcfg: PolicyConfig) -> dict[str, Any]:

@@ -98,7 +98,9 @@ class EncoderOutput:
     attn: Tensor | None = None  # (B, T, K, N) last slot-attention weights, normalised over slots
     # "target": (B, T, 4, H, W) the normalised input; "pixels": (B, T, K) valid-depth pixels each slot wins;
     # "centroid": (B, T, K, 5) the visible centroid + direction, before `CenterHead` moves it;
-    # "colour": (B, T, K, 3) mean RGB in [0, 1] of the pixels each slot wins (0 if none)
+    # "colour": (B, T, K, 3) mean RGB in [0, 1] of the pixels each slot wins (0 if none);
+    # "spread": (B, T, K) m, how far its pixels lie from their centroid on the floor plane (their planar
+    # standard deviation): a few cm for an object, tens of cm for the floor or a wall
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -457,7 +459,7 @@ class ObjectCentricEncoder(nn.Module):
         masks = torch.softmax(logits, dim=1).view(b, t, k, h, w)
         recon_img = (masks.unsqueeze(3) * rgbd.view(b, t, k, 4, h, w)).sum(2) if recon else None
         won = F.one_hot(masks.argmax(2), k).permute(0, 1, 4, 2, 3).float()  # (B, T, K, H, W) hard assignment
-        centroid, pixels = mask_geometry(won, depth, intrinsics, cam_pose)
+        centroid, pixels, spread = mask_geometry(won, depth, intrinsics, cam_pose)
         if self.center is not None:
             evidence = self.center_evidence(slots, weights, feats, won, centroid, pixels, cam_pose)
             geometry = self.center(evidence, centroid, pixels)
@@ -466,7 +468,8 @@ class ObjectCentricEncoder(nn.Module):
         rgb = (x_in[:, :, :3] * self.in_std[:3] + self.in_mean[:3]).unsqueeze(2)  # (B, T, 1, 3, H, W) in [0, 1]
         colour = (won.unsqueeze(3) * rgb).sum((-2, -1)) / won.sum((-2, -1)).unsqueeze(-1).clamp(min=1)
         return EncoderOutput(slots=slots, geometry=geometry, masks=masks, recon=recon_img, attn=attn,
-                             extras={"target": x_in, "pixels": pixels, "centroid": centroid, "colour": colour})
+                             extras={"target": x_in, "pixels": pixels, "centroid": centroid, "colour": colour,
+                                     "spread": spread})
 
     def center_evidence(self, slots: Tensor, weights: Tensor, feats: Tensor, won: Tensor, centroid: Tensor,
                         pixels: Tensor, cam_pose: Tensor) -> Tensor:
@@ -526,10 +529,11 @@ class ObjectCentricEncoder(nn.Module):
 # ---------------------------------------------------------------------------- geometry of the slots
 
 
-def mask_geometry(won: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> tuple[Tensor, Tensor]:
+def mask_geometry(won: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per slot: world-frame centroid of the valid-depth pixels it wins, and the planar unit direction
-    from the camera to it. won (B, T, K, H, W) the one-hot argmax of the masks over slots, depth
-    (B, T, H, W) -> geometry (B, T, K, 5), pixels won (B, T, K).
+    from the camera to it; and how widely those pixels spread on the floor plane. won (B, T, K, H, W)
+    the one-hot argmax of the masks over slots, depth (B, T, H, W) -> geometry (B, T, K, 5), pixels won
+    (B, T, K), planar spread (B, T, K) m (the root of the summed variance of x and y; 0 with no pixel).
     Hard assignment, because soft alphas leak a little weight over the whole image and a little
     weight on thousands of floor pixels drags an object's centroid far off (this part is not
     trained through). A slot that wins no valid pixel gets the camera position and a zero direction."""
@@ -545,11 +549,16 @@ def mask_geometry(won: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tens
     wmask = won.to(d.dtype) * valid.unsqueeze(2)  # (B, T, K, H, W)
     mass = wmask.sum((-1, -2))
     centre = torch.einsum("btkhw,bthwc->btkc", wmask, pts) / mass.clamp(min=1e-6).unsqueeze(-1)
+    # planar variance as E[p^2] - E[p]^2, with p taken from the camera (metres, so float32 keeps the digits)
+    rel = pts[..., :2] - cam_pose[..., None, None, :2, 3]
+    mean_rel = centre[..., :2] - cam_pose[..., None, :2, 3]
+    second = torch.einsum("btkhw,bthw->btk", wmask, (rel ** 2).sum(-1)) / mass.clamp(min=1e-6)
+    spread = (second - (mean_rel ** 2).sum(-1)).clamp(min=0).sqrt() * (mass > 0.5).to(d.dtype)
     cam = cam_pose[..., :3, 3].unsqueeze(2).expand_as(centre)
     centre = torch.where(mass.unsqueeze(-1) > 0.5, centre, cam)
     planar = centre[..., :2] - cam[..., :2]
     direction = planar / planar.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-    return torch.cat([centre, direction], -1), mass
+    return torch.cat([centre, direction], -1), mass, spread
 
 
 def default_stats() -> dict[str, Any]:

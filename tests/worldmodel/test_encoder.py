@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from worldmodel.data import Clips
-from worldmodel.encoder import CenterHead, EncoderConfig, EncoderOutput, ObjectCentricEncoder, camera_planar, mask_shape
+from worldmodel.encoder import (CenterHead, EncoderConfig, EncoderOutput, ObjectCentricEncoder, camera_planar, mask_geometry,
+                                mask_shape)
 from worldmodel.objectives import center_loss, edge_pixels, encoder_loss, mask_supervision_loss
 
 TINY = {"dim": 32, "layers": 2, "heads": 2, "slot_dim": 32, "decoder_hidden": 32, "num_slots": 5}
@@ -147,6 +148,27 @@ def test_mask_shape_and_camera_planar_by_hand():
                                torch.tensor([0.4, 0.1, -0.2]))
 
 
+def test_mask_geometry_spread_by_hand():
+    """A camera at the origin looking along world +x (image right = world -y) sees a wall 2 m ahead. Slot 0
+    wins two 2-pixel columns 20 pixels apart: its points lie 20 px * 2 m / f apart across the view, so
+    their planar spread (standard deviation) is half that; slot 1 wins one pixel (spread 0), slot 2
+    nothing (0, not NaN)."""
+    f, h, w = 40.0, 8, 32
+    cam = torch.eye(4)
+    cam[:3, :3] = torch.tensor([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])
+    intr = torch.tensor([[f, 0, 15.5], [0, f, 3.5], [0, 0, 1]])
+    won = torch.zeros(1, 1, 3, h, w)
+    won[0, 0, 0, 2:4, 5] = 1
+    won[0, 0, 0, 2:4, 25] = 1
+    won[0, 0, 1, 6, 10] = 1
+    geometry, pixels, spread = mask_geometry(won, torch.full((1, 1, h, w), 2.0), intr.view(1, 1, 3, 3),
+                                             cam.view(1, 1, 4, 4))
+    torch.testing.assert_close(pixels[0, 0], torch.tensor([4.0, 1.0, 0.0]))
+    torch.testing.assert_close(spread[0, 0], torch.tensor([20 * 2.0 / f / 2, 0.0, 0.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(geometry[0, 0, 0, :2], torch.tensor([2.0, -(15.0 - 15.5) * 2.0 / f]), atol=1e-5,
+                               rtol=0)
+
+
 def test_center_head_on_frame_evidence_streams_as_the_clip_forward(clips):
     model = tiny(center_inputs="frame").eval()
     with torch.no_grad():  # a head that moves the centroid, so that its inputs matter
@@ -214,7 +236,7 @@ def test_streaming_without_the_reconstruction_decodes_the_same_masks(clips):
     for light, whole in zip(outs[False], outs[True]):
         assert light.recon is None and whole.recon.shape == (2, 1, 4, 64, 64)
         for a, c in ((light.slots, whole.slots), (light.masks, whole.masks), (light.geometry, whole.geometry),
-                     *((light.extras[k], whole.extras[k]) for k in ("pixels", "centroid", "colour"))):
+                     *((light.extras[k], whole.extras[k]) for k in ("pixels", "centroid", "colour", "spread"))):
             torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat([o.recon for o in outs[True]], 1), full.recon, atol=2e-4, rtol=1e-3)
 

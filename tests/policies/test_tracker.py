@@ -1,0 +1,113 @@
+"""The object tracker's presets (`observation.TRACKERS`): which slots are objects, how colours compare,
+and which preset a policy checkpoint runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from policies.observation import TRACKERS, SlotMemory, chromaticity, slot_tokens
+from policies.policy import PolicyConfig, config_from_dict, policy_config_dict
+
+RED_LIT, RED_DARK = [0.85, 0.15, 0.12], [0.55, 0.1, 0.08]  # a box's top and its side in shade
+GREEN, FLOOR, FLOOR_SCRAP = [0.2, 0.75, 0.3], [0.55, 0.5, 0.45], [0.45, 0.41, 0.37]
+
+
+def _camera_along_x() -> torch.Tensor:
+    cam = torch.eye(4)
+    cam[:3, :3] = torch.tensor([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])  # optical z = world +x
+    return cam
+
+
+def _frame(memory, centre, pixels, colour, spread=None):
+    """One frame of K slots for one stream -> the memory's (slot tag, colour, centre, shown, age) per track."""
+    k = len(centre)
+    out = memory(torch.arange(k, dtype=torch.float32).view(1, k, 1), torch.tensor([colour]), torch.tensor([centre]),
+                 torch.tensor([pixels], dtype=torch.float32), None if spread is None else torch.tensor([spread]))
+    return [a[0] for a in out]
+
+
+def test_chromaticity_ignores_brightness():
+    np.testing.assert_allclose(chromaticity(np.array([0.2, 0.4, 0.2])), chromaticity(np.array([0.4, 0.8, 0.4])))
+    assert np.linalg.norm(chromaticity(np.array(RED_LIT)) - chromaticity(np.array(RED_DARK))) < 0.01
+    assert np.isfinite(chromaticity(np.zeros(3))).all()  # black is a dim grey, not NaN
+    t = chromaticity(torch.tensor([[0.3, 0.3, 0.3]]))
+    torch.testing.assert_close(t, torch.full((1, 3), 1 / 3))
+
+
+def test_objects_drops_the_floor_and_its_scraps_and_keeps_the_box_and_the_disc():
+    """Slot 0 holds the floor (wide spread), slot 1 a scrap of it (compact, the floor's colour in shade),
+    slot 2 the box, slot 3 the goal disc. The objects preset keeps 2 and 3; legacy keeps all four; with
+    no spread given every slot counts as compact and the floor's scrap stays."""
+    colour = torch.tensor([[FLOOR, FLOOR_SCRAP, RED_LIT, GREEN]])
+    pixels = torch.tensor([[3000.0, 40.0, 300.0, 30.0]])
+    spread = torch.tensor([[0.6, 0.05, 0.03, 0.04]])
+    torch.testing.assert_close(SlotMemory("objects").objects(colour, pixels, spread),
+                               torch.tensor([[0.0, 0.0, 300.0, 30.0]]))
+    torch.testing.assert_close(SlotMemory("legacy").objects(colour, pixels, spread), pixels)
+    torch.testing.assert_close(SlotMemory("objects").objects(colour, pixels, None), pixels)
+    tiny = torch.tensor([[3000.0, 40.0, 3.0, 30.0]])  # below MIN_SEEN_PIXELS: not a detection either way
+    assert SlotMemory("objects").objects(colour, tiny, spread)[0, 2] == 0
+
+
+def test_objects_preset_tracks_a_box_in_light_and_shade_as_one_object():
+    """The box's lit top and shaded side, won by two slots 5 cm apart, are one object when colours compare
+    as chromaticity (one track, fed by the larger slot); in RGB (legacy) they are 0.3 apart and make two."""
+    centre = [[1.0, 0.0, 0.08], [1.03, 0.04, 0.04], [0.0, 0.0, 0.0]]
+    for tracker, n_tracks in (("objects", 1), ("legacy", 2)):
+        mem = SlotMemory(tracker)
+        tag, _, where, shown, age = _frame(mem, centre, [300, 120, 0], [RED_LIT, RED_DARK, FLOOR])
+        assert int((shown > 0).sum()) == n_tracks, tracker
+    np.testing.assert_allclose(tag[0].numpy(), [0.0])  # legacy: slot 0's own track
+    mem = SlotMemory("objects")
+    tag, _, where, shown, _ = _frame(mem, centre, [300, 120, 0], [RED_LIT, RED_DARK, FLOOR])
+    k = int(np.flatnonzero(shown.numpy() > 0)[0])
+    assert tag[k, 0] == 0 and shown[k] == 420  # the larger slot's vector, both slots' pixels
+    np.testing.assert_allclose(where[k, :2].numpy(), (300 * np.array([1.0, 0.0]) + 120 * np.array([1.03, 0.04])) / 420,
+                               atol=1e-6)
+
+
+def test_the_floor_does_not_take_a_remembered_discs_track():
+    """A disc seen once and then out of view stays remembered while the floor, in all its scraps, fills
+    the view for 100 steps: with the objects preset no scrap of floor becomes a track."""
+    mem = SlotMemory("objects", forget_steps=5)
+    _frame(mem, [[1.5, 0.3, 0.0], [1.0, -1.0, 0.0]], [40, 3000], [GREEN, FLOOR], [0.04, 0.7])
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        scrap = [float(rng.uniform(0.5, 2.0)), float(rng.uniform(-1, 1)), 0.0]
+        _, colour, where, shown, age = _frame(mem, [scrap, [1.0, -1.0, 0.0]], [50, 3000], [FLOOR_SCRAP, FLOOR],
+                                              [0.05, 0.7])
+    assert (shown == 0).all()
+    disc = int(np.flatnonzero(age.numpy() < 1000)[0])
+    np.testing.assert_allclose(where[disc, :2].numpy(), [1.5, 0.3], atol=1e-6)
+    np.testing.assert_allclose(colour[disc].numpy(), GREEN, atol=1e-6)
+    assert int((age.numpy() < 1000).sum()) == 1
+
+
+def test_slot_tokens_pass_the_spread_to_the_tracker():
+    cam = _camera_along_x()[None]
+    colour = torch.tensor([[FLOOR, RED_LIT]])
+    centre = torch.tensor([[[1.0, 0.5, 0.0], [1.0, -0.2, 0.05]]])
+    pixels = torch.tensor([[3000.0, 200.0]])
+    tok = slot_tokens(torch.zeros(1, 2, 1), colour, centre, pixels, cam, 4096, SlotMemory("objects"),
+                      torch.tensor([[0.6, 0.03]]))
+    assert (tok[0, :, 9] > 0).sum() == 1  # one track sees something now: the box's
+    np.testing.assert_allclose(tok[0, tok[0, :, 9].argmax(), 1:4].numpy(), RED_LIT, atol=1e-6)
+
+
+def test_tracker_presets_and_checkpoints():
+    assert PolicyConfig().tracker == "objects"
+    old = policy_config_dict(PolicyConfig())
+    del old["tracker"]  # a checkpoint written before the option
+    assert config_from_dict(old).tracker == "legacy"
+    assert config_from_dict(policy_config_dict(PolicyConfig())).tracker == "objects"
+    with pytest.raises(ValueError, match="policy.tracker"):
+        PolicyConfig(tracker="sort").check()
+    with pytest.raises(ValueError, match="tracker must be one of"):
+        SlotMemory("sort")
+    with pytest.raises(ValueError, match="unknown tracker settings"):
+        SlotMemory("objects", gating=2.0)
+    assert set(TRACKERS) == {"legacy", "objects"}
+    mem = SlotMemory("objects", max_spread_m=None)  # a setting overridden: the floor counts again
+    assert mem.objects(torch.tensor([[FLOOR]]), torch.tensor([[3000.0]]), torch.tensor([[0.7]]))[0, 0] == 3000
