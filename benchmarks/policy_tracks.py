@@ -2,20 +2,22 @@
 
     python benchmarks/policy_tracks.py --encoder runs/pipeline/wm_encoder            # 30 Single-easy episodes
     python benchmarks/policy_tracks.py --level hard --trackers objects legacy        # the trackers compared
+    python benchmarks/policy_tracks.py --task formation --episodes 10 --trackers objects legacy
     python benchmarks/policy_tracks.py --encoder runs/pipeline/wm_encoder --episodes 5 --quick
 
 Collects noisy-expert episodes with the simulator's segmentation (seeds from 600, apart from the
 demonstrations' and the evaluation's), streams the encoder over each as the controller does, and
 on every frame where an object shows at least 10 pixels finds the slot that wins most of them and
-the track that slot feeds. Metric `identity_consistency` per `object` (box, goal), `unit_of`
-(`slot`, `track`) and `tracker` (the `observation.TRACKERS` preset): the fraction of those frames on
-which it is the episode's most frequent one, averaged over episodes (episodes where the object shows
-on fewer than 5 frames are skipped). What the policy reads of the tracks, per tracker, from the
-simulator's privileged state: `goal_remembered`, the fraction of frames after the goal disc was
-first in view on which some track remembers a centre within 0.15 m of it; `box_tracks_one`, the
-fraction of frames after the box was first in view on which exactly one track lies within 0.15 m of
-it; `spurious_tracks`, the mean number of tracks per frame that remember a centre over 0.2 m from
-every object and the goal (the floor, walls, a copy left behind).
+the track that slot feeds. Metric `identity_consistency` per `object` (box: the boxes to push; goal:
+the goal disc or formation markers), `unit_of` (`slot`, `track`) and `tracker` (the
+`observation.TRACKERS` preset): the fraction of those frames on which it is the episode's most
+frequent one (frames where its slot feeds no track count as misses), averaged over episodes and
+objects (an object that shows on fewer than 5 frames of an episode is skipped). What the policy reads of the tracks, per tracker, from the simulator's
+privileged state: `goal_remembered`, the fraction of frames after a goal marker was first in view
+on which some track remembers a centre within 0.15 m of it; `box_tracks_one`, the fraction of frames
+after a box was first in view on which exactly one track lies within 0.15 m of it; `spurious_tracks`,
+the mean number of tracks per frame that remember a centre over 0.2 m from every object and goal
+(the floor, walls, a copy left behind).
 """
 
 from __future__ import annotations
@@ -30,22 +32,37 @@ from _common import emit, machine  # first: puts the repository on the import pa
 BENCH = "policy_tracks"
 MIN_OBJECT_PIXELS = 10
 MIN_FRAMES = 5
+N_BOXES = {"single": 1, "formation": 4}  # the boxes to push (sim.env: the anchor and three in formation)
 
 
-def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], object_ids: dict[str, int],
+def tracker_from_spec(spec: str):
+    """"preset" or "preset:setting=value,..." (a float or None) -> a fresh `SlotMemory`."""
+    from policies.observation import SlotMemory
+
+    name, _, rest = spec.partition(":")
+    settings = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    return SlotMemory(name, **{k: None if v == "None" else float(v) for k, v in settings.items()})
+
+
+def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
                   tracker: str = "objects") -> tuple[dict, dict]:
-    """-> ({(object, "slot" | "track"): [per-episode consistency]}, {what the policy reads: [per-frame values]})."""
+    """-> ({(kind, "slot" | "track"): [per-episode, per-object consistency]}, {what the policy reads: [values]}).
+    Kinds: "box" (the task's first `n_boxes` objects) and "goal" (every goal marker)."""
     import torch
 
-    from policies.observation import NEVER_SEEN_AGE, SlotMemory
+    from policies.observation import NEVER_SEEN_AGE
+    from sim.env import FIRST_OBJECT_SEG_ID, GOAL_SEG_ID
 
-    out: dict[tuple[str, str], list[float]] = {(o, u): [] for o in object_ids for u in ("slot", "track")}
+    out: dict[tuple[str, str], list[float]] = {(o, u): [] for o in ("box", "goal") for u in ("slot", "track")}
     reads: dict[str, list[float]] = {"goal_remembered": [], "box_tracks_one": [], "spurious_tracks": []}
     for e, ep in enumerate(episodes):
         torch.manual_seed(e)  # the slots' random initialisation on the first frame
-        state, memory = None, SlotMemory(tracker)
-        seq: dict[str, list[tuple[int, int]]] = {o: [] for o in object_ids}
-        box_seen = goal_seen = False
+        state, memory = None, tracker_from_spec(tracker)
+        n_goals = ep["goal"].shape[1]
+        seg = [("box", FIRST_OBJECT_SEG_ID + i) for i in range(n_boxes)] + [("goal", GOAL_SEG_ID + k)
+                                                                            for k in range(n_goals)]
+        seq: list[list[tuple[int, int]]] = [[] for _ in seg]
+        box_seen, goal_seen = np.zeros(n_boxes, bool), np.zeros(n_goals, bool)
         for t in range(len(ep["rgb"])):
             f = {k: torch.from_numpy(ep[k][t:t + 1]) for k in ("rgb", "depth", "intrinsics", "cam_pose")}
             enc, state = encoder.step(f["rgb"], f["depth"].float(), f["intrinsics"].float(), f["cam_pose"].float(),
@@ -57,31 +74,30 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], object_ids: di
             # a merged detection carries its largest slot's index; its other slots feed the same track
             track_of = {int(s): j for j, (s, p) in enumerate(zip(fed[0, :, 0].tolist(), shown[0].tolist())) if p > 0}
             won = enc.masks[0, 0].argmax(0).numpy()
-            for name, sid in object_ids.items():
+            for j, (_, sid) in enumerate(seg):
                 px = won[ep["segmentation"][t] == sid]
                 if px.size >= MIN_OBJECT_PIXELS:
                     s = int(np.bincount(px, minlength=k).argmax())
-                    seq[name].append((s, track_of.get(s, -1)))
+                    seq[j].append((s, track_of.get(s, -1)))
             known = age[0].numpy() < NEVER_SEEN_AGE
             where = centre[0, :, :2].numpy()
-            box, goal = ep["object_poses"][t][0, :2], ep["goal"][t][0]
-            to_box, to_goal = np.linalg.norm(where - box, axis=1), np.linalg.norm(where - goal, axis=1)
-            things = np.concatenate([ep["object_poses"][t][:, :2], ep["goal"][t]])
+            boxes, goals = ep["object_poses"][t][:n_boxes, :2], ep["goal"][t]
+            near = lambda points: (np.linalg.norm(where[None] - points[:, None], axis=-1) < 0.15) & known  # noqa: E731
+            things = np.concatenate([ep["object_poses"][t][:, :2], goals])
             nearest = np.linalg.norm(where[:, None] - things[None], axis=-1).min(1)
-            box_seen |= bool(ep["visible"][t][0])
-            goal_seen |= bool(ep["goal_visible"][t][0])
-            if box_seen:
-                reads["box_tracks_one"].append(float((known & (to_box < 0.15)).sum() == 1))
-            if goal_seen:
-                reads["goal_remembered"].append(float((known & (to_goal < 0.15)).any()))
+            box_seen |= ep["visible"][t][:n_boxes].astype(bool)
+            goal_seen |= ep["goal_visible"][t].astype(bool)
+            reads["box_tracks_one"] += (near(boxes).sum(1) == 1)[box_seen].astype(float).tolist()
+            reads["goal_remembered"] += near(goals).any(1)[goal_seen].astype(float).tolist()
             reads["spurious_tracks"].append(float((known & (nearest > 0.2)).sum()))
-        for name, pairs in seq.items():
+        for (kind, _), pairs in zip(seg, seq):
             if len(pairs) < MIN_FRAMES:
                 continue
             a = np.array(pairs)
             for j, unit in enumerate(("slot", "track")):
-                ids = a[:, j]
-                out[(name, unit)].append(float(np.mean(ids == np.bincount(ids + 1).argmax() - 1)))
+                ids = a[:, j]  # -1: no track (the object's slot was background or went untracked), never a match
+                tracked = ids[ids >= 0]
+                out[(kind, unit)].append(float(np.mean(ids == np.bincount(tracked).argmax())) if tracked.size else 0.0)
     return out, reads
 
 
@@ -90,15 +106,16 @@ def main() -> None:
     ap.add_argument("--encoder", default="runs/pipeline/wm_encoder", help="world-model encoder checkpoint")
     ap.add_argument("--episodes", type=int, default=30)
     ap.add_argument("--seed", type=int, default=600)
+    ap.add_argument("--task", default="single", choices=("single", "formation"))
     ap.add_argument("--level", default="easy", choices=("easy", "hard"))
-    ap.add_argument("--trackers", nargs="+", default=["objects"], help="observation.TRACKERS presets to compare")
+    ap.add_argument("--trackers", nargs="+", default=["objects"],
+                    help="observation.TRACKERS presets to compare, each optionally with settings: objects:flat_m=0.02")
     ap.add_argument("--quick", action="store_true", help="5 episodes: the path only")
     args = ap.parse_args()
     import torch
 
     from sim.collect import collect
     from sim.dataset import EpisodeDataset
-    from sim.env import FIRST_OBJECT_SEG_ID, GOAL_SEG_ID
     from worldmodel.train import load_encoder
 
     torch.set_num_threads(2)
@@ -106,15 +123,15 @@ def main() -> None:
     encoder = load_encoder(args.encoder)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "tracks.zarr")
-        collect(out=path, task="single", level=args.level, policy="noisy_expert", episodes=n, seed=args.seed,
+        collect(out=path, task=args.task, level=args.level, policy="noisy_expert", episodes=n, seed=args.seed,
                 image_size=encoder.cfg.image_size[0], segmentation=True, workers=0, progress=False)
         ds = EpisodeDataset.open(path)
         keys = ("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses", "goal", "visible",
                 "goal_visible")
         episodes = [ds.episode(e, keys) for e in range(ds.n_episodes)]
     for tracker in args.trackers:
-        runs, reads = identity_runs(encoder, episodes, {"box": FIRST_OBJECT_SEG_ID, "goal": GOAL_SEG_ID}, tracker)
-        common = dict(tracker=tracker, task="single", level=args.level, encoder=args.encoder, quick=args.quick,
+        runs, reads = identity_runs(encoder, episodes, N_BOXES[args.task], tracker)
+        common = dict(tracker=tracker, task=args.task, level=args.level, encoder=args.encoder, quick=args.quick,
                       **machine())
         for (obj, unit), values in runs.items():
             emit(BENCH, "identity_consistency", round(float(np.mean(values)), 3) if values else None, "fraction",
