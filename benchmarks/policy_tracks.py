@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--task", default="single", choices=("single", "formation"))
     ap.add_argument("--level", default="easy", choices=("easy", "hard"))
     ap.add_argument("--trackers", nargs="+", default=["objects"],
-                    help="observation.TRACKERS presets to compare, each optionally with settings: objects:flat_m=0.02")
+                    help="observation.TRACKERS presets, each optionally with settings: objects:max_spread_m=0.3")
     ap.add_argument("--quick", action="store_true", help="5 episodes: the path only")
     args = ap.parse_args()
     import torch

@@ -48,7 +48,7 @@ def _to_local(xy: Tensor, origin: Tensor, yaw: Tensor) -> Tensor:
 TRACKERS: dict[str, dict[str, Any]] = {
     # what every policy trained before the option ran: any slot that sees something is an object, alike in RGB
     "legacy": dict(colour_space="rgb", colour_scale=0.15, merge_colour=0.15, max_spread_m=None,
-                   background_chroma=None, flat_m=None),
+                   background_chroma=None),
     # objects only: slots spread over the floor plane (floor, walls) and slots of the floor's or a wall's
     # colour (scraps of them, the robot's grey pusher) are not detections; colour compared as chromaticity
     # (RGB over its sum, which shading leaves nearly unchanged: a box's lit top and dark side are 0.25 apart
@@ -57,7 +57,7 @@ TRACKERS: dict[str, dict[str, Any]] = {
     # difference), the goal disc a track on 0.91 of those after it was first seen (0.65; the background
     # filter: 0.84 without it) and 1.2 tracks per frame remember no object (4.1)
     "objects": dict(colour_space="chroma", colour_scale=0.05, merge_colour=0.08, max_spread_m=0.15,
-                    background_chroma=0.04, flat_m=None),
+                    background_chroma=0.04),
 }
 
 
@@ -79,8 +79,7 @@ class SlotMemory:
     1. the slots that see something (`MIN_SEEN_PIXELS`) are detections, except the background (settings
        of the `tracker` preset, `TRACKERS`; off in "legacy"): a slot whose pixels spread wider than
        `max_spread_m` on the floor plane, and one whose chromaticity is within `background_chroma` of
-       such a slot's (a scrap of floor or wall), at the same level: both centres lower than `flat_m`
-       (flat on the floor) or both higher (None: any level; a white goal marker has a wall's colour);
+       such a slot's (a scrap of floor or wall);
     2. detections closer than `merge_m` on the floor and `merge_colour` in colour (RGB or chromaticity:
        `colour_space`) are one object (a slot handing its object over to another), kept as the larger
        slot's vector with the pixel-weighted centre;
@@ -113,24 +112,18 @@ class SlotMemory:
         self.merge_colour: float = opts["merge_colour"]
         self.max_spread_m: float | None = opts["max_spread_m"]
         self.background_chroma: float | None = opts["background_chroma"]
-        self.flat_m: float | None = opts["flat_m"]
         self.state: np.ndarray | None = None  # (B, K, S + 3 + 3): last seen slot vector, colour, world centre
         self.age: np.ndarray | None = None  # (B, K) steps since seen; NEVER_SEEN_AGE for an unused track
 
-    def objects(self, colour: Tensor, pixels: Tensor, spread: Tensor | None = None,
-                height: Tensor | None = None) -> Tensor:
+    def objects(self, colour: Tensor, pixels: Tensor, spread: Tensor | None = None) -> Tensor:
         """Step 1: pixels won (B, K) -> the same with 0 for a slot that is not an object. Colours (B, K, 3),
-        planar spreads (B, K) m (None: every slot is compact), heights of the slots' centres above the
-        floor (B, K) m (None: not compared)."""
+        planar spreads (B, K) m (None: every slot is compact)."""
         keep = pixels >= MIN_SEEN_PIXELS
         if spread is not None and self.max_spread_m is not None:
             background = keep & (spread > self.max_spread_m)
             if self.background_chroma is not None:
                 ch = chromaticity(colour)
                 like = ((ch.unsqueeze(-2) - ch.unsqueeze(-3)).norm(dim=-1) < self.background_chroma)
-                if height is not None and self.flat_m is not None:  # a scrap lies at its background's level
-                    flat = height < self.flat_m
-                    like &= flat.unsqueeze(-1) == flat.unsqueeze(-2)
                 background |= (like & background.unsqueeze(-2)).any(-1)
             keep &= ~background
         return torch.where(keep, pixels, torch.zeros_like(pixels))
@@ -141,7 +134,7 @@ class SlotMemory:
         and planar spreads (B, K) (None: every slot compact) -> per track: slot vector, colour, remembered
         world centre, pixels its object shows now (0 if none) and age (B, K)."""
         s = slots.shape[-1]
-        pixels = self.objects(colour, pixels, spread, centre[..., 2])
+        pixels = self.objects(colour, pixels, spread)
         now = torch.cat([slots, colour, centre], -1).detach().cpu().double().numpy()
         px = pixels.detach().cpu().double().numpy()
         if self.state is None:  # tracks start as the slots; those that see nothing count as unused

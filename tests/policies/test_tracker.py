@@ -12,7 +12,6 @@ from policies.policy import PolicyConfig, config_from_dict, policy_config_dict
 
 RED_LIT, RED_DARK = [0.85, 0.15, 0.12], [0.55, 0.1, 0.08]  # a box's top and its side in shade
 GREEN, FLOOR, FLOOR_SCRAP = [0.2, 0.75, 0.3], [0.55, 0.5, 0.45], [0.45, 0.41, 0.37]
-WALL, PUSHER, WHITE = [0.6, 0.62, 0.65], [0.7, 0.7, 0.72], [0.8, 0.8, 0.8]  # sim colours in the headlight
 
 
 def _camera_along_x() -> torch.Tensor:
@@ -50,22 +49,6 @@ def test_objects_drops_the_floor_and_its_scraps_and_keeps_the_box_and_the_disc()
     torch.testing.assert_close(SlotMemory("objects").objects(colour, pixels, None), pixels)
     tiny = torch.tensor([[3000.0, 40.0, 3.0, 30.0]])  # below MIN_SEEN_PIXELS: not a detection either way
     assert SlotMemory("objects").objects(colour, tiny, spread)[0, 2] == 0
-
-
-def test_a_flat_white_marker_is_no_scrap_of_a_wall_when_levels_are_compared():
-    """Slot 0 holds a wall (wide, raised), slot 1 the robot's grey pusher (compact, raised), slot 2 a white
-    formation marker flat on the floor: their chromaticities are all within 0.04. Compared at any level
-    both compact slots are scraps of the wall; with `flat_m` the marker lies at another level and stays."""
-    colour = torch.tensor([[WALL, PUSHER, WHITE]])
-    pixels = torch.tensor([[2000.0, 150.0, 60.0]])
-    spread = torch.tensor([[0.5, 0.06, 0.05]])
-    height = torch.tensor([[0.2, 0.05, 0.001]])
-    anywhere = SlotMemory("objects", flat_m=None).objects(colour, pixels, spread, height)
-    torch.testing.assert_close(anywhere, torch.tensor([[0.0, 0.0, 0.0]]))
-    levels = SlotMemory("objects", flat_m=0.015).objects(colour, pixels, spread, height)
-    torch.testing.assert_close(levels, torch.tensor([[0.0, 0.0, 60.0]]))
-    floor = torch.tensor([[0.0, 0.05, 0.001]])  # the same slots with a flat background: the marker is its scrap
-    assert SlotMemory("objects", flat_m=0.015).objects(colour, pixels, spread, floor)[0, 2] == 0
 
 
 def test_objects_preset_tracks_a_box_in_light_and_shade_as_one_object():
