@@ -12,12 +12,12 @@ the track that slot feeds. Metric `identity_consistency` per `object` (box: the 
 the goal disc or formation markers), `unit_of` (`slot`, `track`) and `tracker` (the
 `observation.TRACKERS` preset): the fraction of those frames on which it is the episode's most
 frequent one (frames where its slot feeds no track count as misses), averaged over episodes and
-objects (an object that shows on fewer than 5 frames of an episode is skipped). What the policy reads of the tracks, per tracker, from the simulator's
-privileged state: `goal_remembered`, the fraction of frames after a goal marker was first in view
-on which some track remembers a centre within 0.15 m of it; `box_tracks_one`, the fraction of frames
-after a box was first in view on which exactly one track lies within 0.15 m of it; `spurious_tracks`,
-the mean number of tracks per frame that remember a centre over 0.2 m from every object and goal
-(the floor, walls, a copy left behind).
+objects (an object that shows on fewer than 5 frames of an episode is skipped). What the policy
+reads of the tracks, per tracker, from the simulator's privileged state: `goal_remembered`, the
+fraction of frames after a goal marker was first in view on which some track remembers a centre
+within 0.15 m of it; `box_tracks_one`, the fraction of frames after a box was first in view on which
+exactly one track lies within 0.15 m of it; `spurious_tracks`, the mean number of tracks per frame
+that remember a centre over 0.2 m from every object and goal (the floor, walls, a copy left behind).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--task", default="single", choices=("single", "formation"))
     ap.add_argument("--level", default="easy", choices=("easy", "hard"))
     ap.add_argument("--trackers", nargs="+", default=["objects"],
-                    help="observation.TRACKERS presets, each optionally with settings: objects:max_spread_m=0.3")
+                    help="observation.TRACKERS presets, each maybe with settings: objects:max_spread_m=0.3")
     ap.add_argument("--quick", action="store_true", help="5 episodes: the path only")
     args = ap.parse_args()
     import torch
