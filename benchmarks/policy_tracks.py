@@ -17,7 +17,11 @@ reads of the tracks, per tracker, from the simulator's privileged state: `goal_r
 fraction of frames after a goal marker was first in view on which some track remembers a centre
 within 0.15 m of it; `box_tracks_one`, the fraction of frames after a box was first in view on which
 exactly one track lies within 0.15 m of it; `spurious_tracks`, the mean number of tracks per frame
-that remember a centre over 0.2 m from every object and goal (the floor, walls, a copy left behind).
+that remember a centre over 0.2 m from every object and goal (the floor, walls, a copy left behind);
+`box_untracked`, `goal_untracked`, the fraction of an object's frames on which the slot that wins it
+feeds no track (the tracker took it for background, or had no track left). And of the encoder alone:
+`box_slot_spread_m`, `goal_slot_spread_m`, the median planar spread of that slot's pixels (a few cm
+when the slot holds just the object, over the tracker's 15 cm when it holds a wall or the floor too).
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
     from sim.env import FIRST_OBJECT_SEG_ID, GOAL_SEG_ID
 
     out: dict[tuple[str, str], list[float]] = {(o, u): [] for o in ("box", "goal") for u in ("slot", "track")}
-    reads: dict[str, list[float]] = {"goal_remembered": [], "box_tracks_one": [], "spurious_tracks": []}
+    reads: dict[str, list[float]] = {m: [] for m in ("goal_remembered", "box_tracks_one", "spurious_tracks",
+                                                      "box_untracked", "goal_untracked", "box_slot_spread_m",
+                                                      "goal_slot_spread_m")}
     for e, ep in enumerate(episodes):
         torch.manual_seed(e)  # the slots' random initialisation on the first frame
         state, memory = None, tracker_from_spec(tracker)
@@ -74,11 +80,13 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
             # a merged detection carries its largest slot's index; its other slots feed the same track
             track_of = {int(s): j for j, (s, p) in enumerate(zip(fed[0, :, 0].tolist(), shown[0].tolist())) if p > 0}
             won = enc.masks[0, 0].argmax(0).numpy()
-            for j, (_, sid) in enumerate(seg):
+            for j, (kind, sid) in enumerate(seg):
                 px = won[ep["segmentation"][t] == sid]
                 if px.size >= MIN_OBJECT_PIXELS:
                     s = int(np.bincount(px, minlength=k).argmax())
                     seq[j].append((s, track_of.get(s, -1)))
+                    reads[f"{kind}_untracked"].append(float(s not in track_of))
+                    reads[f"{kind}_slot_spread_m"].append(float(enc.extras["spread"][0, 0, s]))
             known = age[0].numpy() < NEVER_SEEN_AGE
             where = centre[0, :, :2].numpy()
             boxes, goals = ep["object_poses"][t][:n_boxes, :2], ep["goal"][t]
@@ -137,8 +145,11 @@ def main() -> None:
             emit(BENCH, "identity_consistency", round(float(np.mean(values)), 3) if values else None, "fraction",
                  object=obj, unit_of=unit, episodes=len(values), **common)
         for metric, values in reads.items():
-            emit(BENCH, metric, round(float(np.mean(values)), 3) if values else None,
-                 "tracks" if metric == "spurious_tracks" else "fraction", episodes=len(episodes), **common)
+            spread = metric.endswith("_spread_m")  # the median: a few frames of a floor slot would swamp a mean
+            value = (np.median if spread else np.mean)(values) if values else None
+            emit(BENCH, metric, None if value is None else round(float(value), 3),
+                 "m" if spread else "tracks" if metric == "spurious_tracks" else "fraction", episodes=len(episodes),
+                 **common)
 
 
 if __name__ == "__main__":
