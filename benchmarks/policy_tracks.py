@@ -37,6 +37,8 @@ BENCH = "policy_tracks"
 MIN_OBJECT_PIXELS = 10
 MIN_FRAMES = 5
 N_BOXES = {"single": 1, "formation": 4}  # the boxes to push (sim.env: the anchor and three in formation)
+EPISODE_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses", "goal", "visible",
+                "goal_visible")  # what identity_runs reads of an episode
 
 
 def tracker_from_spec(spec: str):
@@ -88,15 +90,15 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
                     reads[f"{kind}_untracked"].append(float(s not in track_of))
                     reads[f"{kind}_slot_spread_m"].append(float(enc.extras["spread"][0, 0, s]))
             known = age[0].numpy() < NEVER_SEEN_AGE
-            where = centre[0, :, :2].numpy()
-            boxes, goals = ep["object_poses"][t][:n_boxes, :2], ep["goal"][t]
-            near = lambda points: (np.linalg.norm(where[None] - points[:, None], axis=-1) < 0.15) & known  # noqa: E731
-            things = np.concatenate([ep["object_poses"][t][:, :2], goals])
-            nearest = np.linalg.norm(where[:, None] - things[None], axis=-1).min(1)
+            n_objects = len(ep["object_poses"][t])
+            things = np.concatenate([ep["object_poses"][t][:, :2], ep["goal"][t]])  # every object, then the goals
+            dist = np.linalg.norm(things[:, None] - centre[0, None, :, :2].numpy(), axis=-1)  # (things, tracks)
+            near = (dist < 0.15) & known
+            nearest = dist.min(0)
             box_seen |= ep["visible"][t][:n_boxes].astype(bool)
             goal_seen |= ep["goal_visible"][t].astype(bool)
-            reads["box_tracks_one"] += (near(boxes).sum(1) == 1)[box_seen].astype(float).tolist()
-            reads["goal_remembered"] += near(goals).any(1)[goal_seen].astype(float).tolist()
+            reads["box_tracks_one"] += (near[:n_boxes].sum(1) == 1)[box_seen].astype(float).tolist()
+            reads["goal_remembered"] += near[n_objects:].any(1)[goal_seen].astype(float).tolist()
             reads["spurious_tracks"].append(float((known & (nearest > 0.2)).sum()))
         for (kind, _), pairs in zip(seg, seq):
             if len(pairs) < MIN_FRAMES:
@@ -126,6 +128,8 @@ def main() -> None:
     from sim.dataset import EpisodeDataset
     from worldmodel.train import load_encoder
 
+    for spec in args.trackers:  # a bad spec fails before minutes of collection
+        tracker_from_spec(spec)
     torch.set_num_threads(2)
     n = 5 if args.quick else args.episodes
     encoder = load_encoder(args.encoder)
@@ -134,9 +138,7 @@ def main() -> None:
         collect(out=path, task=args.task, level=args.level, policy="noisy_expert", episodes=n, seed=args.seed,
                 image_size=encoder.cfg.image_size[0], segmentation=True, workers=0, progress=False)
         ds = EpisodeDataset.open(path)
-        keys = ("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses", "goal", "visible",
-                "goal_visible")
-        episodes = [ds.episode(e, keys) for e in range(ds.n_episodes)]
+        episodes = [ds.episode(e, EPISODE_KEYS) for e in range(ds.n_episodes)]
     for tracker in args.trackers:
         runs, reads = identity_runs(encoder, episodes, N_BOXES[args.task], tracker)
         common = dict(tracker=tracker, task=args.task, level=args.level, encoder=args.encoder, quick=args.quick,

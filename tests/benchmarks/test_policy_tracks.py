@@ -19,9 +19,6 @@ from sim.collect import collect  # noqa: E402
 from sim.dataset import EpisodeDataset  # noqa: E402
 from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder  # noqa: E402
 
-KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses", "goal", "visible", "goal_visible")
-
-
 def test_tracker_specs_parse_into_settings():
     assert policy_tracks.tracker_from_spec("objects").max_spread_m == 0.15
     mem = policy_tracks.tracker_from_spec("objects:max_spread_m=0.3,background_chroma=None")
@@ -40,7 +37,7 @@ def test_formation_figures_for_both_trackers(tmp_path):
     collect(out=path, task="formation", level="easy", policy="noisy_expert", episodes=1, max_steps=20,
             image_size=encoder.cfg.image_size[0], segmentation=True, workers=0, progress=False)
     ds = EpisodeDataset.open(path)
-    episodes = [ds.episode(0, KEYS)]
+    episodes = [ds.episode(0, policy_tracks.EPISODE_KEYS)]
     assert episodes[0]["goal"].shape[1] == 3  # three formation markers
     slots = {}
     for tracker in ("objects", "legacy"):
