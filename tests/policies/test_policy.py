@@ -284,6 +284,13 @@ def test_rerun_of_a_finished_run_resumes_without_training(slots_policy, demos, e
     assert m["diffusion_steps"] == 60 and (slots_policy / "model.safetensors").read_bytes() == before
 
 
+def test_the_distillation_phase_keeps_a_time_budget_of_its_own(tmp_path, demos, encoder_dir):
+    # the diffusion phase unbounded (0), the distillation's budget spent by its first step
+    m = _train(tmp_path / "p", demos, encoder_dir, obs="cnn", steps=3, distill=50,
+               train_overrides={"distill_time_budget_min": 1e-6})
+    assert m["diffusion_steps"] == 3 and m["distill_steps"] == 1
+
+
 def test_rerun_after_the_demonstrations_changed_refuses_to_resume(demos, encoder_dir, tmp_path):
     """A finished run would otherwise be taken as done although its datasets gained episodes since."""
     import shutil
