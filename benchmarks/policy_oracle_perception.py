@@ -164,7 +164,8 @@ def main() -> None:
                  level=args.level, episodes=episodes, seed=1000, workers=args.workers, progress=not args.quick)
     emit(BENCH, "success_rate", r["success_rate"], "fraction", task=args.task, level=args.level,
          policy="oracle-tokens", episodes=episodes, ci95=[round(r["ci95_low"], 3), round(r["ci95_high"], 3)],
-         n_action=args.n_action, mean_length=round(r["mean_length"], 1), failures=r["failures"], checkpoint=out,
+         n_action=args.n_action, mean_length=round(r["mean_length"], 1), failures=r["failures"],
+         goals_reached=r["goals_reached"], checkpoint=out,
          demos=demos, **machine())
 
 

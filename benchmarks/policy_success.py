@@ -91,7 +91,7 @@ def main() -> None:
                  episodes=episodes, ci95_low=round(r["ci95_low"], 3),
                  ci95_high=round(r["ci95_high"], 3), mean_length=round(r["mean_length"], 1),
                  failed_seeds=[x["seed"] for x in r["results"] if not x["success"]][:20], failures=r["failures"],
-                 trained_on=json.dumps(config.get("data", {}).get("paths", [])), checkpoint=ck,
+                 goals_reached=r["goals_reached"], trained_on=json.dumps(config.get("data", {}).get("paths", [])), checkpoint=ck,
                  quick=args.quick, **machine())
     tmp.cleanup()
 

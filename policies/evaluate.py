@@ -112,7 +112,8 @@ def write_report(out: Path, cfg: EvalConfig, r: dict[str, Any]) -> None:
              f"[{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]), seeds {r['seed']}..{r['seed'] + r['episodes'] - 1}",
              f"- mean episode length: {r['mean_length']:.1f} steps; wall time {r['wall_s']:.0f} s",
              f"- failed seeds: {[x['seed'] for x in failures][:30]}",
-             f"- failures by cause: {', '.join(f'{c}: {n}' for c, n in r['failures'].items())}"]
+             f"- failures by cause: {', '.join(f'{c}: {n}' for c, n in r['failures'].items())}",
+             f"- episodes by goals filled at the end: {', '.join(f'{g}: {n}' for g, n in enumerate(r['goals_reached']))}"]
     videos = [x["video"] for x in failures if "video" in x]
     if videos:
         lines.append(f"- videos of failures: {', '.join(Path(v).name for v in videos[:10])} (in videos/)")

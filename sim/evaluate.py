@@ -191,7 +191,8 @@ def evaluate(
     `results`: per episode (by seed) seed, success, length, return,
     final_goal_error, n_clipped_actions, formation, `EpisodeAnatomy`'s fields (first_box_seen,
     first_goal_seen, box_moved_m, min_goal_error, goals_reached, failure) and, where saved, video;
-    `failures`: the failed episodes per cause (`FAILURE_CAUSES`).
+    `failures`: the failed episodes per cause (`FAILURE_CAUSES`); `goals_reached`: how many episodes
+    ended with 0, 1, ... goals (formation slots) filled, the partial progress a success rate hides.
     With `video_dir`, MP4s of the failed episodes (`videos="all"`: of all) go there.
     """
     target = controller_config(controller)
@@ -228,5 +229,6 @@ def evaluate(
         "wall_s": end - t0,
         "steps_per_s": steps / (end - pool.ready_time),
         "failures": failure_counts(results),
+        "goals_reached": np.bincount([r["goals_reached"] for r in results]).tolist(),
         "results": results,
     }

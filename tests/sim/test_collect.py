@@ -192,6 +192,8 @@ def test_evaluate_expert_is_seeded_and_saves_failure_videos(tmp_path):
         assert r["first_box_seen"] == 0 and r["first_goal_seen"] == 0
         assert (r["failure"] == "") == r["success"] and r["goals_reached"] == int(r["success"])
     assert sum(parallel["failures"].values()) == 3 - parallel["successes"]
+    reached = parallel["goals_reached"]  # episodes by goals filled: Single has one goal
+    assert sum(reached) == 3 and len(reached) <= 2 and sum(reached[1:]) == parallel["successes"]
 
     # Same seeds in this process, with videos: identical episodes; a video for each failure only.
     here = evaluate({"_target_": "sim.experts.PushExpert"}, workers=0, video_dir=tmp_path / "videos", **kwargs)
