@@ -128,9 +128,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/policy_oracle")
     parser.add_argument("--task", default="single")
     parser.add_argument("--level", default="easy")
-    parser.add_argument("--steps", type=int, default=3000, help="DDPM steps (the pipeline's policy: 3000)")
+    parser.add_argument("--steps", type=int, default=8000, help="DDPM steps (as the pipeline's policy)")
     parser.add_argument("--distill-steps", type=int, default=600)
-    parser.add_argument("--budget-min", type=float, default=8.0, help="per phase, as the pipeline")
+    parser.add_argument("--budget-min", type=float, default=12.0, help="per phase (the pipeline's diffusion phase)")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n-action", type=int, default=None,
