@@ -60,6 +60,7 @@ def test_yaml_defaults_match_the_dataclass_and_the_cpu_budget():
     cfg = load_config([])
     assert cfg.task == "single" and cfg.suites["single_easy"].episodes == 100
     assert cfg.suites["single_easy"].n_action is None and cfg.suites["single_easy_replan2"].n_action == 2
+    assert cfg.suites["single_easy_replan1"].n_action == 1
     # training within the 60-minute main job, with about 9 minutes of evaluation and 3 of demonstrations
     # and encoding
     train = cfg.policy["train"]
