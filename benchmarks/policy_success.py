@@ -7,9 +7,10 @@
 Metric `success_rate` with fields `task`, `level`, `policy` (`slots` or `cnn`, from the checkpoint;
 `slots+wm-select` with `--select K --predictor DIR`, `slots+coherence` with `--coherence K`),
 `sampler`, `steps`, `episodes`, the Wilson 95% interval, the mean episode length and the failed
-episodes by cause (`failures`: never saw a box, never saw a goal, no box moved, pushed but not placed), the
-episodes by goals filled at the end (`goals_reached`) and how near each failure came (`failed_min_goal_error_m`,
-the first 20, with `failed_seeds`). Episode i uses reset seed 1000 + i (the demonstrations use seeds from 0), in `--workers` processes.
+episodes by cause (`failures`: never saw a box, never saw a goal, no box moved, pushed but not placed),
+the episodes by goals filled at the end (`goals_reached`) and how near each failure came
+(`failed_min_goal_error_m`, the first 20, with `failed_seeds`). Episode i uses reset seed 1000 + i (the
+demonstrations use seeds from 0), in `--workers` processes.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def main() -> None:
                  failed_seeds=[x["seed"] for x in r["results"] if not x["success"]][:20], failures=r["failures"],
                  # how near the failures came: the smallest box-to-goal error each reached (Formation: worst slot)
                  failed_min_goal_error_m=[x["min_goal_error"] for x in r["results"] if not x["success"]][:20],
-                 goals_reached=r["goals_reached"], trained_on=json.dumps(config.get("data", {}).get("paths", [])), checkpoint=ck,
+                 goals_reached=r["goals_reached"], trained_on=json.dumps(config.get("data", {}).get("paths", [])),
+                 checkpoint=ck,
                  quick=args.quick, **machine())
     tmp.cleanup()
 

@@ -56,7 +56,7 @@ class PolicySuiteConfig(SuiteConfig):
 
 
 def _default_suites() -> dict[str, PolicySuiteConfig]:
-    # the policy as trained (8 of every 16 predicted actions executed), and re-planning every 2 steps
+    # the policy as trained (8 of every 16 predicted actions executed), re-planning every 2 steps and every step
     return {"single_easy": PolicySuiteConfig("single", "easy", 100),
             "single_easy_replan2": PolicySuiteConfig("single", "easy", 100, n_action=2),
             "single_easy_replan1": PolicySuiteConfig("single", "easy", 100, n_action=1)}
