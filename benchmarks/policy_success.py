@@ -87,14 +87,15 @@ def main() -> None:
             video_dir = None if not args.videos else Path(args.videos) / f"{Path(ck).name}_{task}_{level}"
             r = evaluate(target, task, level, episodes, seed=args.seed, workers=args.workers,
                          max_steps=30 if args.quick else None, video_dir=video_dir, progress=True)
+            failed = [x for x in r["results"] if not x["success"]][:20]
             emit(BENCH, "success_rate", r["success_rate"], "fraction", task=task, level=level, policy=label, select=args.select,
                  coherence=args.coherence, coherence_decay=args.coherence_decay if args.coherence else None,
                  sampler=sampler, steps=steps, n_action=args.n_action or model.cfg.n_action, same_noise=args.same_noise,
                  episodes=episodes, ci95_low=round(r["ci95_low"], 3),
                  ci95_high=round(r["ci95_high"], 3), mean_length=round(r["mean_length"], 1),
-                 failed_seeds=[x["seed"] for x in r["results"] if not x["success"]][:20], failures=r["failures"],
+                 failed_seeds=[x["seed"] for x in failed], failures=r["failures"],
                  # how near the failures came: the smallest box-to-goal error each reached (Formation: worst slot)
-                 failed_min_goal_error_m=[x["min_goal_error"] for x in r["results"] if not x["success"]][:20],
+                 failed_min_goal_error_m=[x["min_goal_error"] for x in failed],
                  goals_reached=r["goals_reached"], trained_on=json.dumps(config.get("data", {}).get("paths", [])),
                  checkpoint=ck,
                  quick=args.quick, **machine())

@@ -19,6 +19,7 @@ from sim.collect import collect  # noqa: E402
 from sim.dataset import EpisodeDataset  # noqa: E402
 from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder  # noqa: E402
 
+
 def test_tracker_specs_parse_into_settings():
     assert policy_tracks.tracker_from_spec("objects").max_spread_m == 0.15
     mem = policy_tracks.tracker_from_spec("objects:max_spread_m=0.3,background_chroma=None")
