@@ -2,6 +2,7 @@
 
     python benchmarks/policy_tracks.py --encoder runs/pipeline/wm_encoder            # 30 Single-easy episodes
     python benchmarks/policy_tracks.py --level hard --trackers objects legacy        # the trackers compared
+    python benchmarks/policy_tracks.py --trackers objects occlusion                  # placing: the goal's track
     python benchmarks/policy_tracks.py --task formation --episodes 10 --trackers objects legacy
     python benchmarks/policy_tracks.py --encoder runs/pipeline/wm_encoder --episodes 5 --quick
 
@@ -19,7 +20,10 @@ within 0.15 m of it; `box_tracks_one`, the fraction of frames after a box was fi
 exactly one track lies within 0.15 m of it; `spurious_tracks`, the mean number of tracks per frame
 that remember a centre over 0.2 m from every object and goal (the floor, walls, a copy left behind);
 `box_untracked`, `goal_untracked`, the fraction of an object's frames on which the slot that wins it
-feeds no track (the tracker took it for background, or had no track left). And of the encoder alone:
+feeds no track (the tracker took it for background, or had no track left); `placing_goal_err_m`,
+`placing_box_err_m` (EgoPush-Single), on frames where the box is within 0.3 m of its goal (being placed, the goal disc
+hidden behind it in part or whole), the median distance from the goal (the box) to the nearest
+remembered track. And of the encoder alone:
 `box_slot_spread_m`, `goal_slot_spread_m`, the median planar spread of that slot's pixels (a few cm
 when the slot holds just the object, over the tracker's 15 cm when it holds a wall or the floor too).
 """
@@ -36,6 +40,7 @@ from _common import emit, machine  # first: puts the repository on the import pa
 BENCH = "policy_tracks"
 MIN_OBJECT_PIXELS = 10
 MIN_FRAMES = 5
+PLACING_M = 0.3  # a box this near its goal is being placed: the goal disc is behind it, in part or whole
 N_BOXES = {"single": 1, "formation": 4}  # the boxes to push (sim.env: the anchor and three in formation)
 EPISODE_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses", "goal", "visible",
                 "goal_visible")  # what identity_runs reads of an episode
@@ -62,7 +67,8 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
     out: dict[tuple[str, str], list[float]] = {(o, u): [] for o in ("box", "goal") for u in ("slot", "track")}
     reads: dict[str, list[float]] = {m: [] for m in ("goal_remembered", "box_tracks_one", "spurious_tracks",
                                                       "box_untracked", "goal_untracked", "box_slot_spread_m",
-                                                      "goal_slot_spread_m")}
+                                                      "goal_slot_spread_m", "placing_goal_err_m",
+                                                      "placing_box_err_m")}
     for e, ep in enumerate(episodes):
         torch.manual_seed(e)  # the slots' random initialisation on the first frame
         state, memory = None, tracker_from_spec(tracker)
@@ -78,7 +84,8 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
             k = enc.slots.shape[2]
             tag = torch.arange(k, dtype=torch.float32).view(1, k, 1)  # each slot's index, carried as its "vector"
             fed, _, centre, shown, age = memory(tag, enc.extras["colour"][:, 0], enc.extras["centroid"][:, 0, :, :3],
-                                                enc.extras["pixels"][:, 0], enc.extras["spread"][:, 0])
+                                                enc.extras["pixels"][:, 0], enc.extras["spread"][:, 0],
+                                                f["cam_pose"][:, :3, 3].float())
             # a merged detection carries its largest slot's index; its other slots feed the same track
             track_of = {int(s): j for j, (s, p) in enumerate(zip(fed[0, :, 0].tolist(), shown[0].tolist())) if p > 0}
             won = enc.masks[0, 0].argmax(0).numpy()
@@ -100,6 +107,11 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
             reads["box_tracks_one"] += (near[:n_boxes].sum(1) == 1)[box_seen].astype(float).tolist()
             reads["goal_remembered"] += near[n_objects:].any(1)[goal_seen].astype(float).tolist()
             reads["spurious_tracks"].append(float((known & (nearest > 0.2)).sum()))
+            # placing (EgoPush-Single: one box, one goal): the box within PLACING_M of the goal
+            if n_boxes == n_goals == 1 and known.any() and goal_seen[0] and \
+                    np.linalg.norm(things[0] - things[n_objects]) < PLACING_M:
+                reads["placing_goal_err_m"].append(float(dist[n_objects][known].min()))
+                reads["placing_box_err_m"].append(float(dist[0][known].min()))
         for (kind, _), pairs in zip(seg, seq):
             if len(pairs) < MIN_FRAMES:
                 continue
@@ -147,7 +159,7 @@ def main() -> None:
             emit(BENCH, "identity_consistency", round(float(np.mean(values)), 3) if values else None, "fraction",
                  object=obj, unit_of=unit, episodes=len(values), **common)
         for metric, values in reads.items():
-            spread = metric.endswith("_spread_m")  # the median: a few frames of a floor slot would swamp a mean
+            spread = metric.endswith("_m")  # the median: a few frames of a floor slot would swamp a mean
             value = (np.median if spread else np.mean)(values) if values else None
             emit(BENCH, metric, None if value is None else round(float(value), 3),
                  "m" if spread else "tracks" if metric == "spurious_tracks" else "fraction", episodes=len(episodes),

@@ -20,11 +20,12 @@ def _camera_along_x() -> torch.Tensor:
     return cam
 
 
-def _frame(memory, centre, pixels, colour, spread=None):
+def _frame(memory, centre, pixels, colour, spread=None, camera=None):
     """One frame of K slots for one stream -> the memory's (slot tag, colour, centre, shown, age) per track."""
     k = len(centre)
     out = memory(torch.arange(k, dtype=torch.float32).view(1, k, 1), torch.tensor([colour]), torch.tensor([centre]),
-                 torch.tensor([pixels], dtype=torch.float32), None if spread is None else torch.tensor([spread]))
+                 torch.tensor([pixels], dtype=torch.float32), None if spread is None else torch.tensor([spread]),
+                 None if camera is None else torch.tensor([camera], dtype=torch.float32))
     return [a[0] for a in out]
 
 
@@ -108,6 +109,63 @@ def test_tracker_presets_and_checkpoints():
         SlotMemory("sort")
     with pytest.raises(ValueError, match="unknown tracker settings"):
         SlotMemory("objects", gating=2.0)
-    assert set(TRACKERS) == {"legacy", "objects"}
+    assert set(TRACKERS) == {"legacy", "objects", "occlusion"}
+    with pytest.raises(ValueError, match="camera="):
+        _frame(SlotMemory("occlusion"), [[1.0, 0.0, 0.0]], [40], [GREEN])
     mem = SlotMemory("objects", max_spread_m=None)  # a setting overridden: the floor counts again
     assert mem.objects(torch.tensor([[FLOOR]]), torch.tensor([[3000.0]]), torch.tensor([[0.7]]))[0, 0] == 3000
+
+
+def _disc_track(memory, where, shown):
+    """The one remembered track that shows the disc now (or the only known one)."""
+    k = int(np.flatnonzero(shown.numpy() > 0)[-1])
+    return where[k, :2].numpy()
+
+
+def test_occlusion_holds_a_half_hidden_discs_centre_and_objects_follows_it():
+    """Camera at the origin looking along +x. The disc at 1.5 m shows 40 pixels; then the box, nearer on the
+    same bearing, hides its near half: 10 pixels whose centroid lies 6 cm further. The `occlusion` tracker
+    keeps the disc's centre (a part shows, behind a nearer object); `objects` follows the sliver. Once the
+    disc shows whole again, both follow it."""
+    cam = [0.0, 0.0, 0.0]
+    for tracker, expected in (("occlusion", [1.5, 0.0]), ("objects", [1.56, 0.0])):
+        mem = SlotMemory(tracker)
+        _frame(mem, [[1.5, 0.0, 0.0], [0.0, 0.0, 0.0]], [40, 0], [GREEN, RED_LIT], camera=cam)
+        _, _, where, shown, _ = _frame(mem, [[1.56, 0.0, 0.0], [1.25, 0.0, 0.05]], [10, 300], [GREEN, RED_LIT],
+                                       camera=cam)
+        disc = int(np.flatnonzero(np.linalg.norm(where[:, :2].numpy() - [1.5, 0.0], axis=1) < 0.1)[0])
+        assert shown[disc] == 10  # the disc's track is seen now: only its centre is held
+        np.testing.assert_allclose(where[disc, :2].numpy(), expected, atol=1e-6, err_msg=tracker)
+        _, _, where, shown, _ = _frame(mem, [[1.52, 0.0, 0.0], [0.0, 0.0, 0.0]], [45, 0], [GREEN, RED_LIT],
+                                       camera=cam)
+        np.testing.assert_allclose(_disc_track(mem, where, shown), [1.52, 0.0], atol=1e-6, err_msg=tracker)
+
+
+def test_occlusion_lets_a_box_pushed_out_of_the_frame_move():
+    """The box shows less and less as it is pushed (it leaves the frame at the bottom) with nothing nearer
+    the camera: its track follows it, as under `objects`."""
+    mem = SlotMemory("occlusion")
+    for x, px in ((0.5, 400), (0.55, 250), (0.6, 120), (0.65, 60)):
+        _, _, where, shown, _ = _frame(mem, [[x, 0.0, 0.05]], [px], [RED_LIT], camera=[0.0, 0.0, 0.0])
+    np.testing.assert_allclose(_disc_track(mem, where, shown), [0.65, 0.0], atol=1e-6)
+
+
+def test_occlusion_passes_a_held_centre_to_a_new_track_of_the_same_object():
+    """Behind the box, the disc's sliver (its colour mixed with the box's edge) is once beyond the gate and
+    starts a track of its own; the next frame it is within the merge of the disc's old track, which is
+    then that object's copy and is forgotten. Under `occlusion` the new track, showing less than half of
+    what the old one saw, takes the old one's centre; under `objects` it keeps the sliver's."""
+    cam = [0.0, 0.0, 0.0]
+    g = np.array(GREEN) / sum(GREEN)  # colours given as chromaticities (sum 1)
+    u = np.array([1.0, -1.0, 0.0]) / np.sqrt(2)
+    sliver, nearer = (g + 0.12 * u).tolist(), (g + 0.07 * u).tolist()
+    box = [1.25, 0.0, 0.05]
+    for tracker, expected in (("occlusion", [1.5, 0.0]), ("objects", [1.63, 0.0])):
+        mem = SlotMemory(tracker)
+        _frame(mem, [[1.5, 0.0, 0.0], [0.0, 0.0, 0.0]], [40, 0], [g.tolist(), RED_LIT], camera=cam)
+        *_, age = _frame(mem, [[1.62, 0.0, 0.0], box], [10, 300], [sliver, RED_LIT], camera=cam)
+        assert int((age.numpy() == 1).sum()) == 1  # the old disc track, unseen, is still remembered
+        _, _, where, shown, age = _frame(mem, [[1.63, 0.0, 0.0], box], [10, 300], [nearer, RED_LIT], camera=cam)
+        disc = np.flatnonzero((np.abs(where[:, 0].numpy() - 1.55) < 0.1) & (age.numpy() < 1000))
+        assert len(disc) == 1, tracker  # no copy left behind
+        np.testing.assert_allclose(where[disc[0], :2].numpy(), expected, atol=1e-6, err_msg=tracker)
