@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from policies.observation import FORGET_STEPS, SlotMemory, frame_tokens, rgbd_image, robot_state
+from policies.observation import DEFAULT_TRACKER, FORGET_STEPS, SlotMemory, frame_tokens, rgbd_image, robot_state
 from sim.collect import STATE_KEYS  # privileged state: read for the auxiliary targets only, never as input
 from sim.dataset import EpisodeDataset
 from sim.geometry import to_local
@@ -115,7 +115,7 @@ def _read_episodes(paths: list[str], keys: tuple[str, ...], optional: tuple[str,
 def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = None, *,
                cache_dir: str | Path | None = None, encoder_dir: str | Path | None = None,
                device: str | torch.device = "cpu", batch: int = 16, seed: int = 0,
-               progress: bool = True, tracker: str = "objects", forget_steps: int = FORGET_STEPS) -> DemoData:
+               progress: bool = True, tracker: str = DEFAULT_TRACKER, forget_steps: int = FORGET_STEPS) -> DemoData:
     """Demonstrations for policy `kind` ("slots" needs the frozen `encoder`; with `cache_dir` and
     `encoder_dir` the slot tokens are cached on disk; `tracker`, `forget_steps`: the object tracker's,
     `SlotMemory`)."""
@@ -204,7 +204,7 @@ def datasets_fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(encoder_dir: str | Path, paths: list[str], seed: int, tracker: str = "objects",
+def cache_key(encoder_dir: str | Path, paths: list[str], seed: int, tracker: str = DEFAULT_TRACKER,
               forget_steps: int = FORGET_STEPS) -> str:
     # the legacy tracker with its memory adds nothing to the key, so caches written before the options stay valid
     settings = ("" if tracker == "legacy" else f" {tracker}") + ("" if forget_steps == FORGET_STEPS
@@ -218,7 +218,7 @@ def cache_key(encoder_dir: str | Path, paths: list[str], seed: int, tracker: str
 @torch.no_grad()
 def encode_episodes(encoder: torch.nn.Module, episodes: list[dict[str, np.ndarray]], *,
                     device: str | torch.device = "cpu", batch: int = 16, seed: int = 0,
-                    progress: bool = True, tracker: str = "objects", forget_steps: int = FORGET_STEPS) -> np.ndarray:
+                    progress: bool = True, tracker: str = DEFAULT_TRACKER, forget_steps: int = FORGET_STEPS) -> np.ndarray:
     """Stream the encoder over each episode with `step()` (episodes in lockstep, `batch` at a time,
     grouped by length) -> slot tokens (N, K, S + TOKEN_EXTRA_DIM), episodes concatenated in the given order."""
     device = torch.device(device)

@@ -27,6 +27,7 @@ MIN_SEEN_PIXELS = 4  # a slot holding fewer valid-depth pixels does not see its 
 NEVER_SEEN_AGE = 1000  # steps; what the age feature says of a slot that has never held an object
 DEPTH_SCALE_M = 3.0  # depth / 3 m: about [0, 1.3] over the sensor's range
 FORGET_STEPS = 50  # `SlotMemory.forget_steps` by default: what every policy before the option was trained with
+DEFAULT_TRACKER = "occlusion"  # the `TRACKERS` preset a new policy is trained with (`PolicyConfig.tracker`)
 
 
 def planar_pose(cam_pose: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,7 +109,7 @@ class SlotMemory:
     and colour: the policy reads tracks in a fixed order, so a window of frames lines up per object.
     Streams are batched: one memory per batch of streams, reset per episode."""
 
-    def __init__(self, tracker: str = "objects", forget_steps: int = FORGET_STEPS, pos_scale_m: float = 0.15,
+    def __init__(self, tracker: str = DEFAULT_TRACKER, forget_steps: int = FORGET_STEPS, pos_scale_m: float = 0.15,
                  gate: float = 3.0, merge_m: float = 0.15, **overrides: Any) -> None:
         if tracker not in TRACKERS:
             raise ValueError(f"tracker must be one of {sorted(TRACKERS)}; got {tracker!r}")

@@ -177,16 +177,21 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
                       "train": {"device": cfg.train_device}}, cfg.policy)
     policy = _timed(out, "policy", lambda: train_policy(pol_cfg), pol_cfg | {"demos": demo_settings})
 
-    stamp = {"policy_step": [policy["diffusion_steps"], policy["distill_steps"]]}
+    # an evaluation is redone when the policy it measured changed, even at the same step counts (trained
+    # afresh with other settings); and with selection, when the predictor did
+    stamp = {"policy_step": [policy["diffusion_steps"], policy["distill_steps"]],
+             "policy_weights": _weights_digest(pol_dir)}
     suites = {}
     for name, s in cfg.suites.items():
         settings = dict(checkpoint=str(pol_dir), task=s.task, level=s.level, episodes=s.episodes, seed=cfg.eval_seed,
                         workers=cfg.workers, max_steps=cfg.max_steps, out=str(out / "eval" / name),
                         progress=cfg.progress, n_action=s.n_action)
+        key = dict(stamp)
         if s.select:
             settings |= {"select": s.select, "predictor": str(pred_dir)}
-        suites[name] = _timed(out, f"eval_{name}", lambda st=settings, n=name: cached_stage(
-            out / "stages" / f"eval_{n}.json", st | stamp, lambda: run_eval(st)), settings | stamp)
+            key["predictor_weights"] = _weights_digest(pred_dir)
+        suites[name] = _timed(out, f"eval_{name}", lambda st=settings, n=name, k=key: cached_stage(
+            out / "stages" / f"eval_{n}.json", st | k, lambda: run_eval(st)), settings | key)
     video_settings = dict(task=cfg.task, level=cfg.level, episodes=1, seed=cfg.video_seed, max_steps=cfg.max_steps)
     target = {"_target_": "policies.controller.DiffusionPolicyController", "checkpoint": str(pol_dir),
               "task": cfg.task}
@@ -207,6 +212,11 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
     write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     report = write_text(out / "report.md", render_report(cfg, metrics, out))
     return metrics | {"report": str(report)}
+
+
+def _weights_digest(run_dir: Path) -> str:
+    """A short digest of a checkpoint's weights: what identifies the model an evaluation measured."""
+    return hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def _stage_summary(run_dir: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from policies.diffusion import ConditionalUnet1D, DDPMSchedule, diffusion_loss, sample_consistency, sample_ddim
 from policies.obs_encoders import RGBDResNetEncoder, SlotSetEncoder
-from policies.observation import FORGET_STEPS, TOKEN_EXTRA_DIM, TRACKERS
+from policies.observation import DEFAULT_TRACKER, FORGET_STEPS, TOKEN_EXTRA_DIM, TRACKERS
 
 OBS_KINDS = ("slots", "cnn")
 SAMPLERS = ("ddim", "consistency")
@@ -56,8 +56,9 @@ class PolicyConfig:
     # (`SlotMemory.forget_steps`): the tracker the demonstrations were encoded with and the controller runs
     memory_forget_steps: int = FORGET_STEPS
     # slots: the object tracker's settings, a preset of `observation.TRACKERS` (which slots are objects, how
-    # colours compare); a checkpoint written before the option has none and runs "legacy"
-    tracker: str = "objects"
+    # colours compare, whether a half-hidden object's centre is held); a checkpoint written before the option
+    # has none and runs "legacy"
+    tracker: str = DEFAULT_TRACKER
     cnn_width: int = 32  # cnn: ResNet base width (ResNet-18 layout)
     cnn_stem_stride: int = 2  # cnn: 1 keeps the first stage at full resolution (4x the compute)
     # filled in from the data at training time

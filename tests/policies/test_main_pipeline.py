@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,13 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["evaluation"] == m["evaluation"]
     assert set(again["stage_seconds"]) == set(m["stage_seconds"])
     assert all(again["stage_seconds"][k] >= m["stage_seconds"][k] for k in m["stage_seconds"])  # resumes add
+    # the policy trained afresh (another seed, the same step counts): its evaluations are redone, not reused
+    cached = out / "stages" / "eval_single_easy.json"
+    before = cached.stat().st_mtime_ns
+    shutil.rmtree(out / "policy")
+    cfg.policy["train"]["seed"] = 1
+    run_pipeline(cfg)
+    assert cached.stat().st_mtime_ns != before
 
 
 def test_stage_times_add_up_over_resumes_and_restart_for_new_settings(tmp_path):
