@@ -160,6 +160,9 @@ def train(config: TrainPolicyConfig | DictConfig | dict | None = None, *, demos:
     else:
         stats = demo_stats(data, pc.obs) | {"task": cfg.data.task, "level": cfg.data.level}
     resolved = _resolved(cfg, mcfg) | {"data_fingerprint": fingerprint}
+    # seeded here, after the data: encoding the demonstrations draws random numbers (the slots' first-frame
+    # noise), and a run that found them cached must start from the same weights as the one that encoded them
+    torch.manual_seed(tc.seed)
     model = DiffusionPolicy(mcfg, stats).to(dev)
     if init:
         from worldmodel.checkpoint import load_state_strict

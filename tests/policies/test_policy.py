@@ -284,6 +284,17 @@ def test_rerun_of_a_finished_run_resumes_without_training(slots_policy, demos, e
     assert m["diffusion_steps"] == 60 and (slots_policy / "model.safetensors").read_bytes() == before
 
 
+def test_a_run_that_finds_its_demonstrations_encoded_trains_the_same_weights(tmp_path, demos, encoder_dir):
+    """The first run encodes the demonstrations into its cache (drawing the slots' first-frame noise), the
+    second finds them there: both start from the same weights and train the same policy."""
+    cache = tmp_path / "cache"
+    for name in ("encoded", "cached"):
+        _train(tmp_path / name, demos, encoder_dir, steps=5, distill=0, cache_dir=str(cache))
+    assert len(list(cache.glob("*.npy"))) == 1
+    assert (tmp_path / "encoded" / "model.safetensors").read_bytes() == \
+        (tmp_path / "cached" / "model.safetensors").read_bytes()
+
+
 def test_the_distillation_phase_keeps_a_time_budget_of_its_own(tmp_path, demos, encoder_dir):
     # the diffusion phase unbounded (0), the distillation's budget spent by its first step
     m = _train(tmp_path / "p", demos, encoder_dir, obs="cnn", steps=3, distill=50,
