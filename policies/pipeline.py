@@ -148,6 +148,7 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
     from policies.evaluate import run as run_eval
     from policies.train import train as train_policy
     from sim.evaluate import evaluate
+    from worldmodel.checkpoint import weights_digest
     from worldmodel.train import train as train_wm
 
     cfg: PolicyPipelineConfig = to_config(config, PolicyPipelineConfig)
@@ -180,7 +181,7 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
     # an evaluation is redone when the policy it measured changed, even at the same step counts (trained
     # afresh with other settings); and with selection, when the predictor did
     stamp = {"policy_step": [policy["diffusion_steps"], policy["distill_steps"]],
-             "policy_weights": _weights_digest(pol_dir)}
+             "policy_weights": weights_digest(pol_dir)[:16]}
     suites = {}
     for name, s in cfg.suites.items():
         settings = dict(checkpoint=str(pol_dir), task=s.task, level=s.level, episodes=s.episodes, seed=cfg.eval_seed,
@@ -189,7 +190,7 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
         key = dict(stamp)
         if s.select:
             settings |= {"select": s.select, "predictor": str(pred_dir)}
-            key["predictor_weights"] = _weights_digest(pred_dir)
+            key["predictor_weights"] = weights_digest(pred_dir)[:16]
         suites[name] = _timed(out, f"eval_{name}", lambda st=settings, n=name, k=key: cached_stage(
             out / "stages" / f"eval_{n}.json", st | k, lambda: run_eval(st)), settings | key)
     video_settings = dict(task=cfg.task, level=cfg.level, episodes=1, seed=cfg.video_seed, max_steps=cfg.max_steps)
@@ -212,11 +213,6 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
     write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     report = write_text(out / "report.md", render_report(cfg, metrics, out))
     return metrics | {"report": str(report)}
-
-
-def _weights_digest(run_dir: Path) -> str:
-    """A short digest of a checkpoint's weights: what identifies the model an evaluation measured."""
-    return hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def _stage_summary(run_dir: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ sits beside them for resuming and is not needed for inference.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +20,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 PathLike = str | os.PathLike
+
+
+def weights_digest(run_dir: PathLike) -> str:
+    """SHA-256 (hex) of a checkpoint's model.safetensors, read in 1 MiB chunks: what identifies its weights."""
+    h = hashlib.sha256()
+    with open(Path(run_dir) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from worldmodel.checkpoint import load_state_strict, read_checkpoint, read_json, save_checkpoint
+from worldmodel.checkpoint import load_state_strict, read_checkpoint, read_json, save_checkpoint, weights_digest
 from worldmodel.loop import finished, fit, restore
 from worldmodel.predictor import CausalJEPAPredictor, PredictorConfig, predictor_config_dict, predictor_loss
 
@@ -61,21 +61,13 @@ class PredictorStageConfig:
 # ---------------------------------------------------------------------------- the slot cache
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(encoder_dir: str | Path, paths: list[str], segment_len: int, seed: int) -> str:
     """Hash of what the cache depends on: encoder weights and config, datasets (path, episodes, steps),
     segmenting and the encoder's slot-initialisation seed."""
     from sim.dataset import EpisodeDataset
 
     enc = Path(encoder_dir)
-    parts = {"version": CACHE_VERSION, "weights": _file_hash(enc / "model.safetensors"),
+    parts = {"version": CACHE_VERSION, "weights": weights_digest(enc),
              "config": (enc / "config.yaml").read_text(), "segment_len": segment_len, "seed": seed, "data": []}
     for p in paths:
         ds = EpisodeDataset.open(p)
