@@ -49,7 +49,7 @@ def _to_local(xy: Tensor, origin: Tensor, yaw: Tensor) -> Tensor:
 TRACKERS: dict[str, dict[str, Any]] = {
     # what every policy trained before the option ran: any slot that sees something is an object, alike in RGB
     "legacy": dict(colour_space="rgb", colour_scale=0.15, merge_colour=0.15, max_spread_m=None,
-                   background_chroma=None, hold_below=None),
+                   background_chroma=None, hold_below=None, occluder_deg=None),
     # objects only: slots spread over the floor plane (floor, walls) and slots of the floor's or a wall's
     # colour (scraps of them, the robot's grey pusher) are not detections; colour compared as chromaticity
     # (RGB over its sum, which shading leaves nearly unchanged: a box's lit top and dark side are 0.25 apart
@@ -59,16 +59,15 @@ TRACKERS: dict[str, dict[str, Any]] = {
     # 0.90 (0.54), and 1.1 tracks per frame remember no object (5.0). A Single-hard policy trained on tokens
     # of this preset succeeds 50 times in 100, of the legacy one once (same encoder, demonstrations, steps)
     "objects": dict(colour_space="chroma", colour_scale=0.05, merge_colour=0.08, max_spread_m=0.15,
-                    background_chroma=0.04, hold_below=None),
-    # "objects", and a track keeps its remembered centre while its object shows less than `hold_below` of
-    # the most it has shown (pixels times range squared, so distance does not count): the visible centroid
-    # of a half-hidden object is the centroid of its visible half. While the box is pushed onto the goal
-    # disc the disc is hidden by degrees, and under "objects" the goal's track follows its last sliver to
-    # 4.5 cm (median) from the disc's centre by the time the box is within 30 cm of it (2.0 cm before;
-    # the box's own track 1.6 cm), with a 7 cm tolerance to place the box in
-    "occlusion": dict(colour_space="chroma", colour_scale=0.05, merge_colour=0.08, max_spread_m=0.15,
-                      background_chroma=0.04, hold_below=0.5, occluder_deg=30.0),
+                    background_chroma=0.04, hold_below=None, occluder_deg=None),
 }
+# "objects", and a track keeps its remembered centre while its object shows less than `hold_below` of
+# the most it has shown (pixels times range squared, so distance does not count): the visible centroid
+# of a half-hidden object is the centroid of its visible half. While the box is pushed onto the goal
+# disc the disc is hidden by degrees, and under "objects" the goal's track follows its last sliver to
+# 4.5 cm (median) from the disc's centre by the time the box is within 30 cm of it (2.0 cm before;
+# the box's own track 1.6 cm), with a 7 cm tolerance to place the box in
+TRACKERS["occlusion"] = dict(TRACKERS["objects"], hold_below=0.5, occluder_deg=30.0)
 
 
 def chromaticity(rgb: np.ndarray | Tensor) -> np.ndarray | Tensor:
@@ -127,7 +126,7 @@ class SlotMemory:
         self.max_spread_m: float | None = opts["max_spread_m"]
         self.background_chroma: float | None = opts["background_chroma"]
         self.hold_below: float | None = opts["hold_below"]
-        self.occluder_deg: float = opts.get("occluder_deg", 30.0)  # read only with hold_below
+        self.occluder_deg: float | None = opts["occluder_deg"]  # read only with hold_below
         self.state: np.ndarray | None = None  # (B, K, S + 3 + 3): last seen slot vector, colour, world centre
         self.age: np.ndarray | None = None  # (B, K) steps since seen; NEVER_SEEN_AGE for an unused track
         self.area: np.ndarray | None = None  # (B, K) the most a track's object has shown: pixels x range^2
@@ -165,18 +164,19 @@ class SlotMemory:
         shown = np.zeros_like(px)
         for b in range(now.shape[0]):
             det, det_px = self._detections(now[b], px[b], s)
-            behind = None if cam is None else self._behind(det, cam[b], s)
+            behind = None if self.hold_below is None else self._behind(det, cam[b], s)
             partial = np.zeros(px.shape[1], bool)  # tracks whose object shows only a part of itself now
             for track, d, same in self._assign(self.state[b], self.age[b], det, s):
-                held = self.state[b, track, s + 3:].copy()
-                self.state[b, track], shown[b, track] = det[d], det_px[d]
+                hold = False
                 if self.hold_below is not None:
                     area = det_px[d] * float(((det[d, s + 3:] - cam[b]) ** 2).sum())
                     partial[track] = behind[d]
-                    if same and behind[d] and area < self.hold_below * self.area[b, track]:
-                        self.state[b, track, s + 3:] = held  # a part of it shows: its centroid is not its centre
-                    else:
+                    # a part of it shows: its centroid is not its centre, so the remembered centre stays
+                    hold = same and behind[d] and area < self.hold_below * self.area[b, track]
+                    if not hold:
                         self.area[b, track] = max(self.area[b, track], area) if same else area
+                upto = s + 3 if hold else None
+                self.state[b, track, :upto], shown[b, track] = det[d, :upto], det_px[d]
             self.age[b] = np.where(shown[b] > 0, 0.0, np.minimum(self.age[b] + 1, NEVER_SEEN_AGE))
             self._forget_duplicates(b, shown[b] > 0, s, partial)
         out = [torch.from_numpy(a).to(slots.device, slots.dtype)
@@ -215,7 +215,7 @@ class SlotMemory:
         near = unit @ unit.T > np.cos(np.radians(self.occluder_deg))
         return ((rng[None, :] < rng[:, None]) & near).any(1)
 
-    def _forget_duplicates(self, b: int, seen: np.ndarray, s: int, partial: np.ndarray | None = None) -> None:
+    def _forget_duplicates(self, b: int, seen: np.ndarray, s: int, partial: np.ndarray) -> None:
         """Step 4. A remembered track that lies where a track seen now is, with its colour, is that object's
         old track (its slot lost the object to another one before the merge caught it): forget it, so
         that no copy of an object stays behind in memory. With `hold_below`, a track seen now that shows
@@ -224,7 +224,7 @@ class SlotMemory:
         old = np.flatnonzero(~seen & (self.age[b] < NEVER_SEEN_AGE))
         now = np.flatnonzero(seen)
         same = self._same_object(self.state[b, old], self.state[b, now], s)
-        if self.hold_below is not None and partial is not None:
+        if self.hold_below is not None:
             for i, j in zip(*np.nonzero(same)):
                 o, n = old[i], now[j]
                 if partial[n] and self.area[b, n] < self.hold_below * self.area[b, o]:

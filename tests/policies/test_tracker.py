@@ -117,8 +117,8 @@ def test_tracker_presets_and_checkpoints():
     assert mem.objects(torch.tensor([[FLOOR]]), torch.tensor([[3000.0]]), torch.tensor([[0.7]]))[0, 0] == 3000
 
 
-def _disc_track(memory, where, shown):
-    """The one remembered track that shows the disc now (or the only known one)."""
+def _shown_track(where, shown):
+    """The centre of the (last) track that shows its object now."""
     k = int(np.flatnonzero(shown.numpy() > 0)[-1])
     return where[k, :2].numpy()
 
@@ -139,7 +139,7 @@ def test_occlusion_holds_a_half_hidden_discs_centre_and_objects_follows_it():
         np.testing.assert_allclose(where[disc, :2].numpy(), expected, atol=1e-6, err_msg=tracker)
         _, _, where, shown, _ = _frame(mem, [[1.52, 0.0, 0.0], [0.0, 0.0, 0.0]], [45, 0], [GREEN, RED_LIT],
                                        camera=cam)
-        np.testing.assert_allclose(_disc_track(mem, where, shown), [1.52, 0.0], atol=1e-6, err_msg=tracker)
+        np.testing.assert_allclose(_shown_track(where, shown), [1.52, 0.0], atol=1e-6, err_msg=tracker)
 
 
 def test_occlusion_lets_a_box_pushed_out_of_the_frame_move():
@@ -148,7 +148,7 @@ def test_occlusion_lets_a_box_pushed_out_of_the_frame_move():
     mem = SlotMemory("occlusion")
     for x, px in ((0.5, 400), (0.55, 250), (0.6, 120), (0.65, 60)):
         _, _, where, shown, _ = _frame(mem, [[x, 0.0, 0.05]], [px], [RED_LIT], camera=[0.0, 0.0, 0.0])
-    np.testing.assert_allclose(_disc_track(mem, where, shown), [0.65, 0.0], atol=1e-6)
+    np.testing.assert_allclose(_shown_track(where, shown), [0.65, 0.0], atol=1e-6)
 
 
 def test_occlusion_passes_a_held_centre_to_a_new_track_of_the_same_object():
@@ -166,7 +166,7 @@ def test_occlusion_passes_a_held_centre_to_a_new_track_of_the_same_object():
         _frame(mem, [[1.5, 0.0, 0.0], [0.0, 0.0, 0.0]], [40, 0], [g.tolist(), RED_LIT], camera=cam)
         *_, age = _frame(mem, [[1.62, 0.0, 0.0], box], [10, 300], [sliver, RED_LIT], camera=cam)
         assert int((age.numpy() == 1).sum()) == 1  # the old disc track, unseen, is still remembered
-        _, _, where, shown, age = _frame(mem, [[1.63, 0.0, 0.0], box], [10, 300], [nearer, RED_LIT], camera=cam)
+        _, _, where, _, age = _frame(mem, [[1.63, 0.0, 0.0], box], [10, 300], [nearer, RED_LIT], camera=cam)
         disc = np.flatnonzero((np.abs(where[:, 0].numpy() - 1.55) < 0.1) & (age.numpy() < 1000))
         assert len(disc) == 1, tracker  # no copy left behind
         np.testing.assert_allclose(where[disc[0], :2].numpy(), expected, atol=1e-6, err_msg=tracker)
