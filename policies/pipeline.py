@@ -47,6 +47,7 @@ class PipelineDemos:
     policy: str = "noisy_expert"
     seed: int = 0
     only_success: bool = True  # keep successful episodes only (a rerun retries the failed seeds)
+    expert: dict[str, Any] = field(default_factory=dict)  # the expert's settings (ego-collect's expert=)
 
 
 @dataclass
@@ -162,6 +163,8 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
     demo_settings = dict(out=str(demos_path), task=cfg.task, level=cfg.level, policy=cfg.demos.policy,
                          episodes=cfg.demos.episodes, seed=cfg.demos.seed, image_size=cfg.image_size,
                          max_steps=cfg.max_steps, only_success=cfg.demos.only_success)
+    if cfg.demos.expert:  # only when set: a job of the default expert keeps its cached stages
+        demo_settings["expert"] = dict(cfg.demos.expert)
     demos = _timed(out, "demos", lambda: collect(**demo_settings, workers=cfg.workers, progress=cfg.progress),
                    demo_settings)
 

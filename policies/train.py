@@ -49,6 +49,9 @@ class PolicyDataConfig:
     root: str = "data/policy"  # where the default demonstrations are collected: <root>/<task>_<level>.zarr
     episodes: int = 200
     policy: str = "noisy_expert"  # expert | noisy_expert: bursts of action noise, noise-free labels
+    # the expert's settings (`sim.experts.ExpertConfig`), e.g. +data.expert.goal_range_m=1.2: the expert takes
+    # the goal as seen only within 1.2 m, where the 64x64 camera shows it as more than a few pixels
+    expert: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     image_size: int = 64
     max_steps: int | None = None
@@ -105,10 +108,12 @@ def demo_paths(cfg: PolicyDataConfig, progress: bool = True) -> list[str]:
         return list(cfg.paths)
     from sim.collect import collect
 
-    path = str(Path(cfg.root) / f"{cfg.task}_{cfg.level}.zarr")
+    # other expert settings, another dataset: <task>_<level>[_<setting><value>...].zarr
+    tag = "".join(f"_{k}{v}" for k, v in sorted(cfg.expert.items()))
+    path = str(Path(cfg.root) / f"{cfg.task}_{cfg.level}{tag}.zarr")
     collect(out=path, task=cfg.task, level=cfg.level, policy=cfg.policy, episodes=cfg.episodes, seed=cfg.seed,
             max_steps=cfg.max_steps, image_size=cfg.image_size, workers=cfg.workers, only_success=True,
-            progress=progress)
+            progress=progress, expert=dict(cfg.expert))
     return [path]
 
 

@@ -39,7 +39,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,8 @@ class CollectConfig:
     randomize: bool = False  # all domain randomisation on
     noise_std: list[float] = field(default_factory=lambda: [0.08, 0.6])  # noisy_expert: (v, omega) std
     noise_prob: float = 0.3  # noisy_expert: fraction of steps in noise bursts
+    # expert | noisy_expert: `sim.experts.ExpertConfig` settings, e.g. +expert.goal_range_m=1.2 (recorded in meta)
+    expert: dict[str, Any] = field(default_factory=dict)
     only_success: bool = False  # drop failed episodes (a rerun retries their seeds)
     render_overview: bool = False  # also store the 256x256 third-person view per step
     segmentation: bool = False  # also store per-pixel object ids (uint8, ids as info["seg_ids"]) per step
@@ -124,6 +126,24 @@ def _check(cfg: CollectConfig) -> None:
         raise ValueError(f"noise_std must be two non-negative numbers (v m/s, omega rad/s); got {cfg.noise_std}")
     if not 0.0 <= cfg.noise_prob <= 1.0:
         raise ValueError(f"noise_prob must lie in [0, 1]; got {cfg.noise_prob}")
+    if cfg.expert:
+        if cfg.controller or cfg.policy not in ("expert", "noisy_expert"):
+            raise ValueError(f"expert settings apply to policy=expert or noisy_expert only; got policy={cfg.policy!r}"
+                             + (" with a controller" if cfg.controller else ""))
+        expert_config(cfg.expert)  # unknown or bad settings fail before any worker starts
+
+
+def expert_config(settings: Mapping[str, Any] | None, **fixed: Any) -> ExpertConfig:
+    """`ExpertConfig` from `CollectConfig.expert` plus the collector's own settings (noise, seed), naming any
+    setting it does not know."""
+    settings = dict(settings or {})
+    own = {"noise_std", "noise_prob", "seed"}
+    known = {f.name for f in fields(ExpertConfig)} - own
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown expert settings {unknown}; known: {sorted(known)} "
+                         f"(noise and seed are ego-collect's own options)")
+    return ExpertConfig(**settings, **fixed)
 
 
 def env_kwargs(task: str, level: str, image_size: int, max_steps: int | None, randomize: bool,
@@ -167,13 +187,15 @@ def rollout(env: EgoPushEnv, controller: Controller, seed: int, overview: bool =
         obs, info = next_obs, next_info
 
 
-def make_policy(policy: str, seed: int, noise_std: Sequence[float] = (0.0, 0.0), noise_prob: float = 0.0) -> Controller:
-    """A fresh controller for one episode, its randomness seeded by the episode seed."""
+def make_policy(policy: str, seed: int, noise_std: Sequence[float] = (0.0, 0.0), noise_prob: float = 0.0,
+                expert: Mapping[str, Any] | None = None) -> Controller:
+    """A fresh controller for one episode, its randomness seeded by the episode seed; `expert`: ExpertConfig
+    settings of the (noisy) expert."""
     check_choice("policy", policy, POLICIES)
     if policy == "expert":
-        return PushExpert(ExpertConfig(seed=seed))
+        return PushExpert(expert_config(expert, seed=seed))
     if policy == "noisy_expert":
-        return PushExpert(ExpertConfig(noise_std=tuple(noise_std), noise_prob=noise_prob, seed=seed))
+        return PushExpert(expert_config(expert, noise_std=tuple(noise_std), noise_prob=noise_prob, seed=seed))
     return RandomExplorer(seed=seed)
 
 
@@ -181,9 +203,11 @@ class EpisodeRecorder:
     """Worker-side runner: builds its env once, then records one episode per call."""
 
     def __init__(self, env_args: dict[str, Any], policy: str, noise_std: Sequence[float], noise_prob: float,
-                 overview: bool = False, controller: dict[str, Any] | None = None) -> None:
+                 overview: bool = False, controller: dict[str, Any] | None = None,
+                 expert: dict[str, Any] | None = None) -> None:
         self.env = EgoPushEnv(render_mode="rgb_array" if overview else None, **env_args)
         self.policy, self.noise_std, self.noise_prob, self.overview = policy, noise_std, noise_prob, overview
+        self.expert = dict(expert or {})
         self.controller = None
         if controller is not None:
             from hydra.utils import instantiate
@@ -194,7 +218,7 @@ class EpisodeRecorder:
                 bind(self.env)
 
     def __call__(self, seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        controller = self.controller or make_policy(self.policy, seed, self.noise_std, self.noise_prob)
+        controller = self.controller or make_policy(self.policy, seed, self.noise_std, self.noise_prob, self.expert)
         columns: dict[str, list] = {}
         episode_return = 0.0
         for tr in rollout(self.env, controller, seed, overview=self.overview):
@@ -417,6 +441,8 @@ def dataset_meta(cfg: CollectConfig, env_args: dict[str, Any]) -> dict[str, Any]
         policy = {"name": "controller", "controller": dict(cfg.controller)}
     elif cfg.policy == "noisy_expert":
         policy |= {"noise_std": list(cfg.noise_std), "noise_prob": cfg.noise_prob}
+    if cfg.expert:  # only when set, so datasets of the default expert keep their meta
+        policy |= {"expert": dict(cfg.expert)}
     return {
         "task": cfg.task,
         "level": cfg.level,
@@ -466,7 +492,7 @@ def collect(config: CollectConfig | Mapping[str, Any] | DictConfig | None = None
         wanted = range(cfg.seed, cfg.seed + cfg.episodes)
         todo = [s for s in wanted if not writer.has_seed(s)]
         recorder = partial(EpisodeRecorder, args, cfg.policy, tuple(cfg.noise_std), cfg.noise_prob,
-                           cfg.render_overview, cfg.controller or None)
+                           cfg.render_overview, cfg.controller or None, dict(cfg.expert))
         n_steps = n_new = n_success = n_discarded = 0
         bar = tqdm(total=len(todo), unit="ep", desc=f"collect {cfg.task}/{cfg.level}", disable=not cfg.progress,
                    dynamic_ncols=True)

@@ -50,6 +50,15 @@ class ExpertConfig:
     noise_std: tuple[float, float] = (0.0, 0.0)
     noise_prob: float = 0.0  # probability that an episode step falls in a noisy burst
     seed: int | None = None
+    # the goal counts as seen only within this planar distance of the robot (None: wherever the virtual field
+    # of view sees it, up to 3 m). The learner's 64x64 camera shows a far goal disc as a few pixels (5 at
+    # 1.5 m), too few for its encoder to give it an object of its own; an expert that acts on such a goal
+    # does what its student cannot explain from its frames, so demonstrations for that student go nearer
+    goal_range_m: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.goal_range_m is not None and not self.goal_range_m > 0:
+            raise ValueError(f"goal_range_m must be a positive distance in metres or None; got {self.goal_range_m!r}")
 
 
 def _heading_control(err: float, w_max: float, k: float = 3.0) -> float:
@@ -114,7 +123,10 @@ class PushExpert:
                     self.unseen_in_view[i] = 0
                     if self.assignment is not None and self.assignment[0] == i:
                         self.assignment = None
-        goal_visible = info["goal_visible"]
+        goal_visible = np.asarray(info["goal_visible"], bool)
+        if self.cfg.goal_range_m is not None:
+            goal_visible = goal_visible & (np.linalg.norm(np.asarray(info["goal"], float)[:, :2] - pose[:2], axis=-1)
+                                           <= self.cfg.goal_range_m)
         anchor_seen = bool(info.get("formation")) and visible[0]
         for k in range(len(self.mem_goal)):
             if goal_visible[k] or anchor_seen:  # formation slots follow from the anchor's pose

@@ -83,6 +83,22 @@ def test_noisy_expert_records_clean_labels(tmp_path):
     assert np.all(np.abs(ep["action"]) <= ACTION_HIGH + 1e-6)
 
 
+def test_expert_settings_reach_the_expert_and_the_meta(tmp_path):
+    """expert=: ExpertConfig settings of the (noisy) expert, recorded in the dataset's meta (so a dataset of
+    another expert is refused on resume); a setting it does not know, or one for a non-expert, is an error."""
+    out = tmp_path / "near.zarr"
+    collect(out=str(out), episodes=1, workers=0, policy="noisy_expert", expert={"v_max": 0.1}, **SHORT)
+    ds = EpisodeDataset.open(out)
+    assert ds.meta["policy"]["expert"] == {"v_max": 0.1}
+    assert np.abs(ds.episode(0)["action"][:, 0]).max() <= 0.1 + 1e-6  # the slower expert drove
+    with pytest.raises(DatasetError, match="meta differs"):
+        collect(out=str(out), episodes=2, workers=0, policy="noisy_expert", **SHORT)
+    with pytest.raises(ValueError, match="unknown expert settings"):
+        collect(out=str(tmp_path / "x.zarr"), episodes=1, workers=0, expert={"goal_rang": 1.0}, **SHORT)
+    with pytest.raises(ValueError, match="policy=expert or noisy_expert"):
+        collect(out=str(tmp_path / "x.zarr"), episodes=1, workers=0, policy="random", expert={"v_max": 0.1}, **SHORT)
+
+
 def test_resume_adds_only_missing_seeds(tmp_path):
     out = tmp_path / "demos.zarr"
     first = collect(out=str(out), episodes=2, seed=0, workers=0, **SHORT)

@@ -68,6 +68,29 @@ def test_expert_knows_only_what_its_camera_has_seen():
     pytest.fail("the searching expert never saw the box")
 
 
+def test_expert_with_a_goal_range_takes_a_far_goal_as_unseen():
+    """goal_range_m: a goal in the field of view but farther than the range is not remembered; once the robot
+    is within range it is, at its true position. The same scene without the option remembers it at once."""
+    env = EgoPushEnv(task="single", level="hard")
+    for seed in range(60):
+        obs, info = env.reset(seed=seed)
+        far = np.linalg.norm(info["goal"][0] - info["robot_pose"][:2])
+        if info["goal_visible"][0] and far > 1.0:
+            break
+    else:
+        pytest.fail("no hard-level seed started with the goal in view over 1 m away")
+    plain, near_only = PushExpert(), PushExpert(goal_range_m=far - 0.2)
+    plain.reset(obs, info)
+    near_only.reset(obs, info)
+    np.testing.assert_allclose(plain.mem_goal[0], info["goal"][0])
+    assert near_only.mem_goal[0] is None
+    moved = dict(info, robot_pose=info["robot_pose"] + np.r_[0.3 * (info["goal"][0] - info["robot_pose"][:2]) / far, 0])
+    near_only.act(obs, moved)  # the same view from 0.3 m nearer the goal
+    np.testing.assert_allclose(near_only.mem_goal[0], info["goal"][0])
+    with pytest.raises(ValueError, match="goal_range_m"):
+        ExpertConfig(goal_range_m=0.0)
+
+
 def test_expert_needs_info():
     env = EgoPushEnv()
     obs, info = env.reset(seed=0)
