@@ -24,7 +24,7 @@ from policies.observation import (
     rgbd_image,
     slot_tokens,
 )
-from policies.train import load_policy, train
+from policies.train import PolicyDataConfig, demo_paths, load_policy, train
 from sim.env import EgoPushEnv
 from sim.evaluate import evaluate
 from worldmodel.checkpoint import save_checkpoint
@@ -300,6 +300,19 @@ def test_the_distillation_phase_keeps_a_time_budget_of_its_own(tmp_path, demos, 
     m = _train(tmp_path / "p", demos, encoder_dir, obs="cnn", steps=3, distill=50,
                train_overrides={"distill_time_budget_min": 1e-6})
     assert m["diffusion_steps"] == 3 and m["distill_steps"] == 1
+
+
+def test_default_demonstrations_of_another_expert_go_to_a_dataset_of_their_own(tmp_path):
+    """data.expert: the expert's settings reach the collector and name the default dataset, so demonstrations
+    of the plain expert are never reused for another one (nor appended to)."""
+    from sim.dataset import EpisodeDataset
+
+    cfg = PolicyDataConfig(root=str(tmp_path), episodes=1, max_steps=20, workers=0, expert={"goal_range_m": 1.2})
+    (path,) = demo_paths(cfg, progress=False)
+    assert Path(path).name == "single_easy_goal_range_m1.2.zarr"
+    assert EpisodeDataset.open(path).meta["policy"]["expert"] == {"goal_range_m": 1.2}
+    (plain,) = demo_paths(PolicyDataConfig(root=str(tmp_path), episodes=1, max_steps=20, workers=0), progress=False)
+    assert Path(plain).name == "single_easy.zarr"
 
 
 def test_rerun_after_the_demonstrations_changed_refuses_to_resume(demos, encoder_dir, tmp_path):
