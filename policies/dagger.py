@@ -39,7 +39,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from policies.controller import DiffusionPolicyController, first_frame_key
-from policies.train import PolicyTrainConfig
+from policies.train import PolicyTrainConfig, default_demo_path
 from sim.collect import check_choice, to_config
 
 
@@ -53,15 +53,16 @@ class DAggerController:
     of what it has seen. The mixing is seeded per episode from the first frame, as the learner is."""
 
     def __init__(self, checkpoint: str, beta: float = 0.0, seed: int = 0, threads: int = 1,
-                 labels: str = "chunk", **learner: Any) -> None:
-        from sim.experts import ExpertConfig, PushExpert
+                 labels: str = "chunk", expert: dict[str, Any] | None = None, **learner: Any) -> None:
+        from sim.collect import expert_config
+        from sim.experts import PushExpert
 
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must lie in [0, 1]; got {beta}")
         if labels not in LABELS:
             raise ValueError(f"labels must be one of {LABELS}; got {labels!r}")
         self.learner = DiffusionPolicyController(checkpoint, seed=seed, threads=threads, **learner)
-        self.expert = PushExpert(ExpertConfig(seed=seed))
+        self.expert = PushExpert(expert_config(expert, seed=seed))  # the demonstrations' expert settings
         self.beta, self.seed, self.labels = beta, seed, labels
         cfg = self.learner.policy.cfg
         self.chunk_len = cfg.horizon - cfg.n_obs + 1
@@ -153,7 +154,7 @@ def run_dagger(config: DAggerConfig | DictConfig | dict | None = None, **overrid
     data_cfg = base["data"]
     demos = list(cfg.demos) or list(data_cfg.get("paths") or [])
     if not demos:
-        demos = [str(Path(data_cfg["root"]) / f"{data_cfg['task']}_{data_cfg['level']}.zarr")]
+        demos = [default_demo_path(data_cfg["root"], data_cfg["task"], data_cfg["level"], data_cfg.get("expert"))]
     missing = [p for p in demos if not Path(p).exists()]
     if missing:
         raise ValueError(f"demonstrations {missing} not found; pass demos=[...]")
@@ -165,7 +166,8 @@ def run_dagger(config: DAggerConfig | DictConfig | dict | None = None, **overrid
         rdir = out / f"round{r}"
         data = str(rdir / "data.zarr")
         target = {"_target_": "policies.dagger.DAggerController", "checkpoint": str(learner), "beta": cfg.beta,
-                  "labels": cfg.labels, "seed": cfg.seed + r, "threads": cfg.threads, "task": data_cfg["task"]}
+                  "labels": cfg.labels, "seed": cfg.seed + r, "threads": cfg.threads, "task": data_cfg["task"],
+                  "expert": dict(data_cfg.get("expert") or {})}
         c = collect(out=data, task=data_cfg["task"], level=data_cfg["level"], episodes=cfg.episodes,
                     seed=cfg.seed + r * cfg.episodes, workers=cfg.workers, controller=target,
                     image_size=data_cfg.get("image_size", 64), max_steps=cfg.max_steps, only_success=False,

@@ -102,15 +102,20 @@ class TrainPolicyConfig:
 ConfigStore.instance().store(name="train_policy_schema", node=TrainPolicyConfig)
 
 
+def default_demo_path(root: str, task: str, level: str, expert: dict[str, Any] | None = None) -> str:
+    """Where the default demonstrations of `task` / `level` live: <root>/<task>_<level>.zarr, and for an expert
+    with other settings another dataset, <root>/<task>_<level>_<setting><value>....zarr."""
+    tag = "".join(f"_{k}{v}" for k, v in sorted((expert or {}).items()))
+    return str(Path(root) / f"{task}_{level}{tag}.zarr")
+
+
 def demo_paths(cfg: PolicyDataConfig, progress: bool = True) -> list[str]:
     """The demonstration datasets, collecting the default ones first when missing."""
     if cfg.paths:
         return list(cfg.paths)
     from sim.collect import collect
 
-    # other expert settings, another dataset: <task>_<level>[_<setting><value>...].zarr
-    tag = "".join(f"_{k}{v}" for k, v in sorted(cfg.expert.items()))
-    path = str(Path(cfg.root) / f"{cfg.task}_{cfg.level}{tag}.zarr")
+    path = default_demo_path(cfg.root, cfg.task, cfg.level, cfg.expert)
     collect(out=path, task=cfg.task, level=cfg.level, policy=cfg.policy, episodes=cfg.episodes, seed=cfg.seed,
             max_steps=cfg.max_steps, image_size=cfg.image_size, workers=cfg.workers, only_success=True,
             progress=progress, expert=dict(cfg.expert))

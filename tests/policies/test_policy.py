@@ -529,6 +529,10 @@ def test_dagger_controller_drives_with_the_learner_and_labels_with_the_expert(sl
             np.testing.assert_array_equal(c.label, lab)
     with pytest.raises(ValueError, match="beta"):
         DAggerController(str(slots_policy), beta=1.5)
+    # the labelling expert has the demonstrations' settings (ego-dagger passes the base policy's data.expert)
+    assert DAggerController(str(slots_policy), expert={"goal_range_m": 1.2}).expert.cfg.goal_range_m == 1.2
+    with pytest.raises(ValueError, match="unknown expert settings"):
+        DAggerController(str(slots_policy), expert={"goal_rang": 1.2})
     c = DAggerController(str(slots_policy))
     c.reset(*frames[0])
     with pytest.raises(RuntimeError, match="bind_env"):  # chunk labels look ahead in the env
