@@ -27,6 +27,7 @@ from policies.observation import DEFAULT_TRACKER, FORGET_STEPS, SlotMemory, fram
 from sim.collect import STATE_KEYS  # privileged state: read for the auxiliary targets only, never as input
 from sim.dataset import EpisodeDataset
 from sim.geometry import to_local
+from worldmodel.checkpoint import _atomic_write, weights_digest
 
 CACHE_VERSION = 5  # 2: slot memory and the age feature; 3: visible centroids; 4: tracks, colour; 5: hard colour
 FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio")
@@ -162,8 +163,6 @@ def load_demos(paths: list[str], kind: str, encoder: torch.nn.Module | None = No
         tok = encode_episodes(encoder, eps, device=device, batch=batch, seed=seed, progress=progress,
                               tracker=tracker, forget_steps=forget_steps)
         if cache is not None:
-            from worldmodel.checkpoint import _atomic_write
-
             def write(tmp: str, tok: np.ndarray = tok) -> None:
                 with open(tmp, "wb") as f:
                     np.save(f, tok)
@@ -210,7 +209,7 @@ def cache_key(encoder_dir: str | Path, paths: list[str], seed: int, tracker: str
     settings = ("" if tracker == "legacy" else f" {tracker}") + ("" if forget_steps == FORGET_STEPS
                                                                 else f" forget{forget_steps}")
     h = hashlib.sha256(f"v{CACHE_VERSION} seed{seed}{settings}".encode())
-    h.update(hashlib.sha256((Path(encoder_dir) / "model.safetensors").read_bytes()).digest())
+    h.update(bytes.fromhex(weights_digest(encoder_dir)))
     h.update(datasets_fingerprint(paths).encode())
     return h.hexdigest()[:16]
 
