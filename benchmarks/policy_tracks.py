@@ -3,6 +3,7 @@
     python benchmarks/policy_tracks.py --encoder runs/pipeline/wm_encoder            # 30 Single-easy episodes
     python benchmarks/policy_tracks.py --level hard --trackers objects legacy        # the trackers compared
     python benchmarks/policy_tracks.py --trackers objects occlusion                  # placing: the goal's track
+    python benchmarks/policy_tracks.py --trackers occlusion amodal                   # pushing: a box cut by the frame
     python benchmarks/policy_tracks.py --task formation --episodes 10 --trackers objects legacy
     python benchmarks/policy_tracks.py --encoder runs/pipeline/wm_encoder --episodes 5 --quick
 
@@ -23,7 +24,10 @@ that remember a centre over 0.2 m from every object and goal (the floor, walls, 
 feeds no track (the tracker took it for background, or had no track left); `placing_goal_err_m`,
 `placing_box_err_m` (EgoPush-Single), on frames where the box is within 0.3 m of its goal (being placed, the goal disc
 hidden behind it in part or whole), the median distance from the goal (the box) to the nearest
-remembered track. And of the encoder alone:
+remembered track; `pushing_box_lateral_err_m` (EgoPush-Single), on frames where the box lies less than
+0.45 m ahead of the camera and over 4 cm beside its optical axis (pushed off the plate's centre line,
+where the frame's side cuts it) and a track lies within 0.15 m of it, the median distance from the box to
+the nearest such track along the camera's x axis (sideways). And of the encoder alone:
 `box_slot_spread_m`, `goal_slot_spread_m`, the median planar spread of that slot's pixels (a few cm
 when the slot holds just the object, over the tracker's 15 cm when it holds a wall or the floor too).
 """
@@ -41,6 +45,7 @@ BENCH = "policy_tracks"
 MIN_OBJECT_PIXELS = 10
 MIN_FRAMES = 5
 PLACING_M = 0.3  # a box this near its goal is being placed: the goal disc is behind it, in part or whole
+PUSHING_AHEAD_M, OFF_LINE_M = 0.45, 0.04  # a box this near ahead and this far aside: pushed off the line
 N_BOXES = {"single": 1, "formation": 4}  # the boxes to push (sim.env: the anchor and three in formation)
 EPISODE_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses", "goal", "visible",
                 "goal_visible")  # what identity_runs reads of an episode
@@ -68,7 +73,7 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
     reads: dict[str, list[float]] = {m: [] for m in ("goal_remembered", "box_tracks_one", "spurious_tracks",
                                                       "box_untracked", "goal_untracked", "box_slot_spread_m",
                                                       "goal_slot_spread_m", "placing_goal_err_m",
-                                                      "placing_box_err_m")}
+                                                      "placing_box_err_m", "pushing_box_lateral_err_m")}
     for e, ep in enumerate(episodes):
         torch.manual_seed(e)  # the slots' random initialisation on the first frame
         state, memory = None, tracker_from_spec(tracker)
@@ -83,9 +88,12 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
                                       state)
             k = enc.slots.shape[2]
             tag = torch.arange(k, dtype=torch.float32).view(1, k, 1)  # each slot's index, carried as its "vector"
+            cam_pose = f["cam_pose"][0].double().numpy()
+            axis = cam_pose[:2, 0] / np.linalg.norm(cam_pose[:2, 0])  # the camera's x axis (image right) on the floor
             fed, _, centre, shown, age = memory(tag, enc.extras["colour"][:, 0], enc.extras["centroid"][:, 0, :, :3],
                                                 enc.extras["pixels"][:, 0], enc.extras["spread"][:, 0],
-                                                f["cam_pose"][:, :3, 3].float())
+                                                f["cam_pose"][:, :3, 3].float(), enc.extras["sides"][:, 0],
+                                                torch.from_numpy(axis).float()[None])
             # a merged detection carries its largest slot's index; its other slots feed the same track
             track_of = {int(s): j for j, (s, p) in enumerate(zip(fed[0, :, 0].tolist(), shown[0].tolist())) if p > 0}
             won = enc.masks[0, 0].argmax(0).numpy()
@@ -112,6 +120,11 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
                     np.linalg.norm(things[0] - things[n_objects]) < PLACING_M:
                 reads["placing_goal_err_m"].append(float(dist[n_objects][known].min()))
                 reads["placing_box_err_m"].append(float(dist[0][known].min()))
+            rel = things[0] - cam_pose[:2, 3]
+            ahead = float(rel @ cam_pose[:2, 2]) / np.linalg.norm(cam_pose[:2, 2])
+            if n_boxes == 1 and 0 < ahead < PUSHING_AHEAD_M and abs(rel @ axis) > OFF_LINE_M and near[0].any():
+                k = int(np.where(near[0], dist[0], np.inf).argmin())
+                reads["pushing_box_lateral_err_m"].append(abs(float((centre[0, k, :2].numpy() - things[0]) @ axis)))
         for (kind, _), pairs in zip(seg, seq):
             if len(pairs) < MIN_FRAMES:
                 continue

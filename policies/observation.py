@@ -49,7 +49,7 @@ def _to_local(xy: Tensor, origin: Tensor, yaw: Tensor) -> Tensor:
 TRACKERS: dict[str, dict[str, Any]] = {
     # what every policy trained before the option ran: any slot that sees something is an object, alike in RGB
     "legacy": dict(colour_space="rgb", colour_scale=0.15, merge_colour=0.15, max_spread_m=None,
-                   background_chroma=None, hold_below=None, occluder_deg=None),
+                   background_chroma=None, hold_below=None, occluder_deg=None, cut_half_width_m=None),
     # objects only: slots spread over the floor plane (floor, walls) and slots of the floor's or a wall's
     # colour (scraps of them, the robot's grey pusher) are not detections; colour compared as chromaticity
     # (RGB over its sum, which shading leaves nearly unchanged: a box's lit top and dark side are 0.25 apart
@@ -59,7 +59,7 @@ TRACKERS: dict[str, dict[str, Any]] = {
     # 0.90 (0.54), and 1.1 tracks per frame remember no object (5.0). A Single-hard policy trained on tokens
     # of this preset succeeds 50 times in 100, of the legacy one once (same encoder, demonstrations, steps)
     "objects": dict(colour_space="chroma", colour_scale=0.05, merge_colour=0.08, max_spread_m=0.15,
-                    background_chroma=0.04, hold_below=None, occluder_deg=None),
+                    background_chroma=0.04, hold_below=None, occluder_deg=None, cut_half_width_m=None),
 }
 # "objects", and a track keeps its remembered centre while its object shows less than `hold_below` of
 # the most it has shown (pixels times range squared, so distance does not count): the visible centroid
@@ -68,6 +68,12 @@ TRACKERS: dict[str, dict[str, Any]] = {
 # 4.5 cm (median) from the disc's centre by the time the box is within 30 cm of it (2.0 cm before;
 # the box's own track 1.6 cm), with a 7 cm tolerance to place the box in
 TRACKERS["occlusion"] = dict(TRACKERS["objects"], hold_below=0.5, occluder_deg=30.0)
+# "occlusion", and an object that the image's left or right side cuts is completed from its whole inner side
+# and the half-width of the objects pushed (EgoPush's boxes are 10 cm cubes): a box pushed off the pusher
+# plate's centre line leaves the frame sideways, and its visible centroid lies inward of its centre. On the
+# 12 Single-easy failures of the 2026-12-07 job (seeds 1002-1093, every step) the box's visible centroid was
+# a median 3.6 cm off its centre sideways on steps where the box sat over 4 cm off the line, completed 0.3 cm
+TRACKERS["amodal"] = dict(TRACKERS["occlusion"], cut_half_width_m=0.05)
 
 
 def chromaticity(rgb: np.ndarray | Tensor) -> np.ndarray | Tensor:
@@ -101,7 +107,11 @@ class SlotMemory:
     5. with `hold_below` (the "occlusion" preset) a track keeps its remembered centre while its object is
        half-hidden: it shows less than `hold_below` of the most it has shown (pixels times range squared)
        and another detection lies nearer the camera within `occluder_deg` of its bearing. A box leaving
-       the frame as it is pushed has nothing in front of it, so its track follows it.
+       the frame as it is pushed has nothing in front of it, so its track follows it;
+    6. with `cut_half_width_m` (the "amodal" preset) an object that the image's left or right side cuts
+       (the encoder's `sides`: its pixels above the floor reach the border column on one side only) is
+       completed before it is assigned: its centre moves outward along the camera's x axis until it
+       lies `cut_half_width_m` beyond its inner side, never inward.
 
     A track whose object is out of view (or hidden behind the box being pushed, as the goal disc is)
     keeps its last seen centre, moved into the robot's current frame by odometry, its slot vector
@@ -127,6 +137,7 @@ class SlotMemory:
         self.background_chroma: float | None = opts["background_chroma"]
         self.hold_below: float | None = opts["hold_below"]
         self.occluder_deg: float | None = opts["occluder_deg"]  # read only with hold_below
+        self.cut_half_width_m: float | None = opts["cut_half_width_m"]
         self.state: np.ndarray | None = None  # (B, K, S + 3 + 3): last seen slot vector, colour, world centre
         self.age: np.ndarray | None = None  # (B, K) steps since seen; NEVER_SEEN_AGE for an unused track
         self.area: np.ndarray | None = None  # (B, K) the most a track's object has shown: pixels x range^2
@@ -145,25 +156,34 @@ class SlotMemory:
         return torch.where(keep, pixels, torch.zeros_like(pixels))
 
     def __call__(self, slots: Tensor, colour: Tensor, centre: Tensor, pixels: Tensor, spread: Tensor | None = None,
-                 camera: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 camera: Tensor | None = None, sides: Tensor | None = None, axis: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """This frame's slot vectors (B, K, S), colours (B, K, 3), world centres (B, K, 3), pixels won (B, K),
-        planar spreads (B, K) (None: every slot compact) and the camera's world position (B, 3) (needed by
-        `hold_below`) -> per track: slot vector, colour, remembered world centre, pixels its object shows
-        now (0 if none) and age (B, K)."""
+        planar spreads (B, K) (None: every slot compact), the camera's world position (B, 3) (needed by
+        `hold_below` and `cut_half_width_m`), the slots' sides (B, K, 5) (`worldmodel.encoder.mask_sides`)
+        and the camera's x axis on the floor plane (B, 2) (both needed by `cut_half_width_m`) -> per track:
+        slot vector, colour, remembered world centre, pixels its object shows now (0 if none) and age (B, K)."""
         s = slots.shape[-1]
-        if self.hold_below is not None and camera is None:
-            raise ValueError(f"the {self.tracker!r} tracker holds half-hidden objects' centres: pass camera=")
+        if (self.hold_below is not None or self.cut_half_width_m is not None) and camera is None:
+            raise ValueError(f"the {self.tracker!r} tracker places objects from where the camera is: pass camera=")
+        if self.cut_half_width_m is not None and (sides is None or axis is None):
+            raise ValueError(f"the {self.tracker!r} tracker completes objects cut by the image's side: pass sides= "
+                             "(the encoder's extras['sides']) and axis=")
         pixels = self.objects(colour, pixels, spread)
         now = torch.cat([slots, colour, centre], -1).detach().cpu().double().numpy()
         px = pixels.detach().cpu().double().numpy()
         cam = None if camera is None else camera.detach().cpu().double().numpy()
+        if self.cut_half_width_m is not None:
+            side, ax = sides.detach().cpu().double().numpy(), axis.detach().cpu().double().numpy()
         if self.state is None:  # tracks start as the slots; those that see nothing count as unused
             self.state = now.copy()
             self.age = np.full(px.shape, float(NEVER_SEEN_AGE))
             self.area = np.zeros(px.shape)
         shown = np.zeros_like(px)
         for b in range(now.shape[0]):
-            det, det_px = self._detections(now[b], px[b], s)
+            det, det_px, members = self._detections(now[b], px[b], s)
+            if self.cut_half_width_m is not None:
+                self._complete(det, members, side[b], cam[b, :2], ax[b], s)
             behind = None if self.hold_below is None else self._behind(det, cam[b], s)
             partial = np.zeros(px.shape[1], bool)  # tracks whose object shows only a part of itself now
             for track, d, same in self._assign(self.state[b], self.age[b], det, s):
@@ -183,8 +203,9 @@ class SlotMemory:
                for a in (self.state[..., :s], self.state[..., s:s + 3], self.state[..., s + 3:], shown, self.age)]
         return tuple(out)
 
-    def _detections(self, now: np.ndarray, px: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
-        """One stream's slots (K, F), pixels (K,) -> its objects (D, F) and their pixels (D,)."""
+    def _detections(self, now: np.ndarray, px: np.ndarray, s: int
+                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """One stream's slots (K, F), pixels (K,) -> its objects (D, F), their pixels (D,) and the slots of each."""
         seen = np.flatnonzero(px >= MIN_SEEN_PIXELS)
         group = {int(k): int(k) for k in seen}  # union-find over the seen slots
 
@@ -195,7 +216,7 @@ class SlotMemory:
 
         for i, j in zip(*np.nonzero(np.triu(self._same_object(now[seen], now[seen], s), 1))):
             group[root(int(seen[j]))] = root(int(seen[i]))
-        det, det_px = [], []
+        det, det_px, slots_of = [], [], []
         for r in sorted({root(k) for k in group}):
             members = np.array([k for k in group if root(k) == r])
             w = px[members] / px[members].sum()
@@ -203,7 +224,28 @@ class SlotMemory:
             obj[s:] = w @ now[members, s:]
             det.append(obj)
             det_px.append(px[members].sum())
-        return np.array(det).reshape(-1, now.shape[-1]), np.array(det_px)
+            slots_of.append(members)
+        return np.array(det).reshape(-1, now.shape[-1]), np.array(det_px), slots_of
+
+    def _complete(self, det: np.ndarray, members: list[np.ndarray], sides: np.ndarray, camera: np.ndarray,
+                  axis: np.ndarray, s: int) -> None:
+        """Step 6, in place on the detections (D, F): one cut by the image's left or right side only (its
+        slots' `sides` (K, 5)) has its centre moved outward along `axis` (the camera's x axis on the floor,
+        (2,)) to `cut_half_width_m` beyond its inner side; one cut on both sides fills the frame's width and
+        one with no pixel above the floor (a flat disc) is left as it is."""
+        for d, m in enumerate(members):
+            standing = m[sides[m, 4] > 0]
+            if len(standing) == 0:
+                continue
+            cut_left, cut_right = sides[standing, 2].max() > 0.5, sides[standing, 3].max() > 0.5
+            if cut_left == cut_right:
+                continue
+            lateral = float((det[d, s + 3:s + 5] - camera) @ axis)
+            if cut_right:  # its left side is whole
+                shift = max(0.0, sides[standing, 0].min() + self.cut_half_width_m - lateral)
+            else:
+                shift = min(0.0, sides[standing, 1].max() - self.cut_half_width_m - lateral)
+            det[d, s + 3:s + 5] += shift * axis
 
     def _behind(self, det: np.ndarray, camera: np.ndarray, s: int) -> np.ndarray:
         """Detections (D, F), the camera's world position (3,) -> (D,) bool: another detection lies nearer
@@ -277,22 +319,28 @@ def frame_tokens(out, cam_pose: Tensor, memory: SlotMemory | None = None) -> Ten
     probe, since a policy learns a constant offset itself and an offset that goes wrong moves the box
     it must push."""
     h, w = out.masks.shape[-2:]
+    sides = out.extras.get("sides")
     return slot_tokens(out.slots[:, 0], out.extras["colour"][:, 0], out.extras["centroid"][:, 0, :, :3],
-                       out.extras["pixels"][:, 0], cam_pose, h * w, memory, out.extras["spread"][:, 0])
+                       out.extras["pixels"][:, 0], cam_pose, h * w, memory, out.extras["spread"][:, 0],
+                       None if sides is None else sides[:, 0])
 
 
 def slot_tokens(slots: Tensor, colour: Tensor, centre: Tensor, pixels: Tensor, cam_pose: Tensor,
-                image_pixels: int, memory: SlotMemory | None = None, spread: Tensor | None = None) -> Tensor:
+                image_pixels: int, memory: SlotMemory | None = None, spread: Tensor | None = None,
+                sides: Tensor | None = None) -> Tensor:
     """Slot vectors (B, K, S), mean colours (B, K, 3), world centres (B, K, 3), pixels won (B, K),
-    cam_pose (B, 4, 4), planar spreads (B, K) m (None: unknown, every slot compact) -> tokens
+    cam_pose (B, 4, 4), planar spreads (B, K) m (None: unknown, every slot compact), the slots' sides
+    (B, K, 5) (`worldmodel.encoder.mask_sides`; read by a tracker that completes cut objects) -> tokens
     (B, K, S + TOKEN_EXTRA_DIM), one per track of `memory` (a fresh one if None: then track k is the
     slot k, when it is an object): the slot vector, its colour, its centre in the camera's planar frame
     (forward, left, up), the planar direction to it in that frame, log1p(pixels) / log1p(image pixels)
     (0 for a track that sees nothing of its object now) and log1p(age) / log1p(NEVER_SEEN_AGE), age =
     steps since the track last saw its object. A track that sees nothing now keeps what it last saw."""
     pos, yaw = planar_pose(cam_pose)
+    axis = cam_pose[..., :2, 0]
+    axis = axis / axis.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     slots, colour, centre, pixels, age = (memory if memory is not None else SlotMemory())(
-        slots, colour, centre, pixels, spread, cam_pose[..., :3, 3])
+        slots, colour, centre, pixels, spread, cam_pose[..., :3, 3], sides, axis)
     planar = _to_local(centre[..., :2], pos, yaw)
     direction = planar / planar.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     share = torch.log1p(pixels.float()) / math.log1p(image_pixels)

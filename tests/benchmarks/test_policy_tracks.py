@@ -1,5 +1,5 @@
 """benchmarks/policy_tracks.py on a real Formation episode (four boxes, three markers) with a tiny
-random encoder: every figure comes out, in range, for both trackers, and tracker specs parse."""
+random encoder: every figure comes out, in range, for three trackers, and tracker specs parse."""
 
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ def test_formation_figures_for_both_trackers(tmp_path):
     episodes = [ds.episode(0, policy_tracks.EPISODE_KEYS)]
     assert episodes[0]["goal"].shape[1] == 3  # three formation markers
     slots = {}
-    for tracker in ("objects", "legacy"):
+    for tracker in ("objects", "legacy", "amodal"):
         runs, reads = policy_tracks.identity_runs(encoder, episodes, policy_tracks.N_BOXES["formation"], tracker)
+        assert reads["pushing_box_lateral_err_m"] == []  # Single only
         assert set(runs) == {(o, u) for o in ("box", "goal") for u in ("slot", "track")}
         for values in runs.values():
             assert all(0.0 <= v <= 1.0 for v in values)

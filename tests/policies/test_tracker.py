@@ -20,12 +20,15 @@ def _camera_along_x() -> torch.Tensor:
     return cam
 
 
-def _frame(memory, centre, pixels, colour, spread=None, camera=None):
+def _frame(memory, centre, pixels, colour, spread=None, camera=None, sides=None, axis=None):
     """One frame of K slots for one stream -> the memory's (slot tag, colour, centre, shown, age) per track."""
     k = len(centre)
+
+    def batch(x):
+        return None if x is None else torch.tensor([x], dtype=torch.float32)
+
     out = memory(torch.arange(k, dtype=torch.float32).view(1, k, 1), torch.tensor([colour]), torch.tensor([centre]),
-                 torch.tensor([pixels], dtype=torch.float32), None if spread is None else torch.tensor([spread]),
-                 None if camera is None else torch.tensor([camera], dtype=torch.float32))
+                 batch(pixels), batch(spread), batch(camera), batch(sides), batch(axis))
     return [a[0] for a in out]
 
 
@@ -110,7 +113,7 @@ def test_tracker_presets_and_checkpoints():
         SlotMemory("sort")
     with pytest.raises(ValueError, match="unknown tracker settings"):
         SlotMemory("objects", gating=2.0)
-    assert set(TRACKERS) == {"legacy", "objects", "occlusion"}
+    assert set(TRACKERS) == {"legacy", "objects", "occlusion", "amodal"}
     with pytest.raises(ValueError, match="camera="):
         _frame(SlotMemory("occlusion"), [[1.0, 0.0, 0.0]], [40], [GREEN])
     mem = SlotMemory("objects", max_spread_m=None)  # a setting overridden: the floor counts again
@@ -170,3 +173,76 @@ def test_occlusion_passes_a_held_centre_to_a_new_track_of_the_same_object():
         disc = np.flatnonzero((np.abs(where[:, 0].numpy() - 1.55) < 0.1) & (age.numpy() < 1000))
         assert len(disc) == 1, tracker  # no copy left behind
         np.testing.assert_allclose(where[disc[0], :2].numpy(), expected, atol=1e-6, err_msg=tracker)
+
+
+# the camera at the origin looking along world +x: its x axis (image right) is world -y
+RIGHT = [0.0, -1.0]
+
+
+def _completed(tracker, centre, sides):
+    """One box detection (one slot) at `centre` with the encoder's `sides` -> the centre its track keeps."""
+    _, _, where, shown, _ = _frame(SlotMemory(tracker), [centre], [300], [RED_LIT], camera=[0.0, 0.0, 0.15],
+                                   sides=[sides], axis=RIGHT)
+    return _shown_track(where, shown)
+
+
+def test_amodal_completes_a_box_cut_by_the_images_side_from_its_inner_side():
+    """A 10 cm box 10 cm right of the optical axis, its right half beyond the image's right side: its pixels
+    above the floor reach from 5 cm (its left side, whole) to the border (cut), so the visible centroid lies
+    at 7.5 cm. `amodal` puts it 5 cm beyond its inner side, at 10 cm; mirrored on the left; `occlusion`
+    keeps the centroid. Cut on both sides (it fills the frame's width), flat (no pixel above the floor) or
+    whole, nothing moves; nor does a detection whose centroid already lies beyond the completion (a turned
+    box shows more than 10 cm): the completion never moves a centre inward."""
+    right_cut = [0.05, 0.075, 0.0, 1.0, 200]
+    np.testing.assert_allclose(_completed("amodal", [0.3, -0.075, 0.05], right_cut), [0.3, -0.10], atol=1e-6)
+    np.testing.assert_allclose(_completed("occlusion", [0.3, -0.075, 0.05], right_cut), [0.3, -0.075], atol=1e-6)
+    left_cut = [-0.075, -0.05, 1.0, 0.0, 200]
+    np.testing.assert_allclose(_completed("amodal", [0.3, 0.075, 0.05], left_cut), [0.3, 0.10], atol=1e-6)
+    for sides in ([-0.2, 0.2, 1.0, 1.0, 900], [0.0, 0.0, 0.0, 0.0, 0], [0.05, 0.15, 0.0, 0.0, 200],
+                  [-0.02, 0.075, 0.0, 1.0, 200]):
+        np.testing.assert_allclose(_completed("amodal", [0.3, -0.075, 0.05], sides), [0.3, -0.075], atol=1e-6,
+                                   err_msg=str(sides))
+    with pytest.raises(ValueError, match="sides="):
+        _frame(SlotMemory("amodal"), [[0.3, 0.0, 0.05]], [300], [RED_LIT], camera=[0.0, 0.0, 0.15])
+    assert SlotMemory("amodal", cut_half_width_m=0.06).cut_half_width_m == 0.06
+
+
+def test_amodal_places_a_rendered_box_on_the_plates_edge():
+    """Real MuJoCo frames of a box in front of the pusher plate, 0 / 6 / 10 cm off its centre line, with the
+    simulator's segmentation as the slots' masks (box, goal disc, the rest). Off the line the image's side
+    cuts the box; the encoder's `mask_sides` sees it, and the `amodal` track lies within 1 cm of the box
+    sideways where the visible centroid (`occlusion`) is 2 to 5 cm inward. The rest (floor, walls) is
+    background and the disc, flat, has no pixel above the floor."""
+    from sim.env import FIRST_OBJECT_SEG_ID, GOAL_SEG_ID, EgoPushEnv
+    from worldmodel.encoder import mask_geometry, mask_sides
+
+    env = EgoPushEnv(task="single", level="easy", segmentation=True)
+    try:
+        _, info = env.reset(seed=0)
+        rx, ry, yaw = info["robot_pose"]
+        c, s = np.cos(yaw), np.sin(yaw)
+        for left in (0.0, 0.06, 0.10, -0.10):
+            box = np.array([rx + c * 0.165 - s * left, ry + s * 0.165 + c * left])
+            obs, info = env.place_object(0, box[0], box[1], yaw)
+            seg = info["segmentation"]
+            masks = np.stack([seg == FIRST_OBJECT_SEG_ID, seg == GOAL_SEG_ID, seg == 0, seg == 1])
+            won = torch.from_numpy(masks).float()[None, None]
+            frame = [torch.from_numpy(obs[k]).float()[None, None] for k in ("depth", "intrinsics", "cam_pose")]
+            sides = mask_sides(won, *frame)[:, 0]
+            geometry, pixels, spread = mask_geometry(won, *frame)
+            assert sides[0, 2, 4] == 0 and sides[0, 1, 4] == 0  # floor and disc: nothing stands above the floor
+            assert (sides[0, 0, 2:4].sum() == 1) == (left != 0), left  # the box is cut on one side off the line
+            cam_pose = frame[2][:, 0]
+            colour = torch.tensor([[RED_LIT, GREEN, FLOOR, FLOOR]])
+            lateral = {}
+            for tracker in ("occlusion", "amodal"):
+                tok = slot_tokens(torch.zeros(1, 4, 1), colour, geometry[:, 0, :, :3], pixels[:, 0], cam_pose, 4096,
+                                  SlotMemory(tracker), spread[:, 0], sides)
+                box_track = int(np.flatnonzero(tok[0, :, 1:4].numpy()[:, 0] > 0.5)[0])  # the red one
+                lateral[tracker] = float(tok[0, box_track, 5])  # its centre, to the robot's left
+            assert abs(lateral["amodal"] - left) < 0.01, (left, lateral)
+            if left != 0:
+                assert 0.02 < abs(lateral["occlusion"] - left) < 0.06, (left, lateral)
+                assert abs(lateral["occlusion"]) < abs(left)  # inward
+    finally:
+        env.close()
