@@ -61,7 +61,7 @@ def tracker_from_spec(spec: str):
 
 
 def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
-                  tracker: str = "occlusion") -> tuple[dict, dict]:
+                  tracker: str = "amodal") -> tuple[dict, dict]:
     """-> ({(kind, "slot" | "track"): [per-episode, per-object consistency]}, {what the policy reads: [values]}).
     Kinds: "box" (the task's first `n_boxes` objects) and "goal" (every goal marker)."""
     import torch
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=600)
     ap.add_argument("--task", default="single", choices=("single", "formation"))
     ap.add_argument("--level", default="easy", choices=("easy", "hard"))
-    ap.add_argument("--trackers", nargs="+", default=["occlusion"],
+    ap.add_argument("--trackers", nargs="+", default=["amodal"],
                     help="observation.TRACKERS presets, each maybe with settings: objects:max_spread_m=0.3")
     ap.add_argument("--quick", action="store_true", help="5 episodes: the path only")
     args = ap.parse_args()

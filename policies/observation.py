@@ -27,7 +27,7 @@ MIN_SEEN_PIXELS = 4  # a slot holding fewer valid-depth pixels does not see its 
 NEVER_SEEN_AGE = 1000  # steps; what the age feature says of a slot that has never held an object
 DEPTH_SCALE_M = 3.0  # depth / 3 m: about [0, 1.3] over the sensor's range
 FORGET_STEPS = 50  # `SlotMemory.forget_steps` by default: what every policy before the option was trained with
-DEFAULT_TRACKER = "occlusion"  # the `TRACKERS` preset a new policy is trained with (`PolicyConfig.tracker`)
+DEFAULT_TRACKER = "amodal"  # the `TRACKERS` preset a new policy is trained with (`PolicyConfig.tracker`)
 
 
 def planar_pose(cam_pose: Tensor) -> tuple[Tensor, Tensor]:

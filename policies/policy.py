@@ -56,8 +56,8 @@ class PolicyConfig:
     # (`SlotMemory.forget_steps`): the tracker the demonstrations were encoded with and the controller runs
     memory_forget_steps: int = FORGET_STEPS
     # slots: the object tracker's settings, a preset of `observation.TRACKERS` (which slots are objects, how
-    # colours compare, whether a half-hidden object's centre is held); a checkpoint written before the option
-    # has none and runs "legacy"
+    # colours compare, whether a half-hidden object's centre is held, whether one cut by the image's side is
+    # completed); a checkpoint written before the option has none and runs "legacy"
     tracker: str = DEFAULT_TRACKER
     cnn_width: int = 32  # cnn: ResNet base width (ResNet-18 layout)
     cnn_stem_stride: int = 2  # cnn: 1 keeps the first stage at full resolution (4x the compute)

@@ -73,13 +73,14 @@ def slots_policy(tmp_path_factory, demos, encoder_dir) -> Path:
 
 
 def _tokens(centre, pixels, cam, memory=None, colour=None, tag=None):
-    """Tokens of one stream's K slots at world `centre` (K, 3) with `pixels` (K,): slot vector (1,) = `tag`."""
+    """Tokens of one stream's K slots at world `centre` (K, 3) with `pixels` (K,): slot vector (1,) = `tag`; no
+    slot is cut by the image's side (`sides` all 0)."""
     k = len(centre)
     tag = torch.arange(k, dtype=torch.float32) if tag is None else torch.tensor(tag, dtype=torch.float32)
     colour = torch.full((k, 3), 0.5) if colour is None else torch.tensor(colour, dtype=torch.float32)
     return slot_tokens(tag.view(1, k, 1), colour[None], torch.tensor(centre, dtype=torch.float32)[None],
                        torch.tensor([pixels], dtype=torch.float32), cam[None] if cam.dim() == 2 else cam, 4096,
-                       memory)[0]
+                       memory, sides=torch.zeros(1, k, 5))[0]
 
 
 def _camera_along_x(x: float = 0.0) -> torch.Tensor:

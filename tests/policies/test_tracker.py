@@ -101,11 +101,11 @@ def test_slot_tokens_pass_the_spread_to_the_tracker():
 
 
 def test_tracker_presets_and_checkpoints():
-    assert PolicyConfig().tracker == "occlusion"
+    assert PolicyConfig().tracker == "amodal"
     old = policy_config_dict(PolicyConfig())
     del old["tracker"]  # a checkpoint written before the option
     assert config_from_dict(old).tracker == "legacy"
-    assert config_from_dict(policy_config_dict(PolicyConfig())).tracker == "occlusion"
+    assert config_from_dict(policy_config_dict(PolicyConfig())).tracker == "amodal"
     assert config_from_dict(policy_config_dict(PolicyConfig(tracker="objects"))).tracker == "objects"
     with pytest.raises(ValueError, match="policy.tracker"):
         PolicyConfig(tracker="sort").check()
