@@ -27,7 +27,7 @@ hidden behind it in part or whole), the median distance from the goal (the box) 
 remembered track; `pushing_box_lateral_err_m` (EgoPush-Single), on frames where the box lies less than
 0.45 m ahead of the camera and over 4 cm beside its optical axis (pushed off the plate's centre line,
 where the frame's side cuts it) and a track lies within 0.15 m of it, the median distance from the box to
-the nearest such track along the camera's x axis (sideways). And of the encoder alone:
+the nearest such track sideways to the camera. And of the encoder alone:
 `box_slot_spread_m`, `goal_slot_spread_m`, the median planar spread of that slot's pixels (a few cm
 when the slot holds just the object, over the tracker's 15 cm when it holds a wall or the floor too).
 """
@@ -66,7 +66,7 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
     Kinds: "box" (the task's first `n_boxes` objects) and "goal" (every goal marker)."""
     import torch
 
-    from policies.observation import NEVER_SEEN_AGE
+    from policies.observation import NEVER_SEEN_AGE, camera_right
     from sim.env import FIRST_OBJECT_SEG_ID, GOAL_SEG_ID
 
     out: dict[tuple[str, str], list[float]] = {(o, u): [] for o in ("box", "goal") for u in ("slot", "track")}
@@ -89,11 +89,11 @@ def identity_runs(encoder, episodes: list[dict[str, np.ndarray]], n_boxes: int,
             k = enc.slots.shape[2]
             tag = torch.arange(k, dtype=torch.float32).view(1, k, 1)  # each slot's index, carried as its "vector"
             cam_pose = f["cam_pose"][0].double().numpy()
-            axis = cam_pose[:2, 0] / np.linalg.norm(cam_pose[:2, 0])  # the camera's x axis (image right) on the floor
+            right = camera_right(f["cam_pose"].float())  # (1, 2) on the floor
+            axis = right[0].double().numpy()
             fed, _, centre, shown, age = memory(tag, enc.extras["colour"][:, 0], enc.extras["centroid"][:, 0, :, :3],
                                                 enc.extras["pixels"][:, 0], enc.extras["spread"][:, 0],
-                                                f["cam_pose"][:, :3, 3].float(), enc.extras["sides"][:, 0],
-                                                torch.from_numpy(axis).float()[None])
+                                                f["cam_pose"][:, :3, 3].float(), enc.extras["sides"][:, 0], right)
             # a merged detection carries its largest slot's index; its other slots feed the same track
             track_of = {int(s): j for j, (s, p) in enumerate(zip(fed[0, :, 0].tolist(), shown[0].tolist())) if p > 0}
             won = enc.masks[0, 0].argmax(0).numpy()

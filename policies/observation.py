@@ -37,6 +37,13 @@ def planar_pose(cam_pose: Tensor) -> tuple[Tensor, Tensor]:
     return cam_pose[..., :2, 3], torch.atan2(forward[..., 1], forward[..., 0])
 
 
+def camera_right(cam_pose: Tensor) -> Tensor:
+    """cam_pose (..., 4, 4) -> (..., 2): the unit vector on the floor plane to the right of the camera's
+    optical axis (the sideways direction of `worldmodel.encoder.mask_geometry`'s sides)."""
+    _, yaw = planar_pose(cam_pose)
+    return torch.stack([torch.sin(yaw), -torch.cos(yaw)], -1)
+
+
 def _to_local(xy: Tensor, origin: Tensor, yaw: Tensor) -> Tensor:
     """World-plane vectors (..., K, 2) relative to `origin` (..., 2), expressed in a frame turned by `yaw`."""
     c, s = torch.cos(yaw).unsqueeze(-1), torch.sin(yaw).unsqueeze(-1)
@@ -110,7 +117,7 @@ class SlotMemory:
        the frame as it is pushed has nothing in front of it, so its track follows it;
     6. with `cut_half_width_m` (the "amodal" preset) an object that the image's left or right side cuts
        (the encoder's `sides`: its pixels above the floor reach the border column on one side only) is
-       completed before it is assigned: its centre moves outward along the camera's x axis until it
+       completed before it is assigned: its centre moves outward, sideways to the camera, until it
        lies `cut_half_width_m` beyond its inner side, never inward.
 
     A track whose object is out of view (or hidden behind the box being pushed, as the goal disc is)
@@ -160,8 +167,8 @@ class SlotMemory:
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """This frame's slot vectors (B, K, S), colours (B, K, 3), world centres (B, K, 3), pixels won (B, K),
         planar spreads (B, K) (None: every slot compact), the camera's world position (B, 3) (needed by
-        `hold_below` and `cut_half_width_m`), the slots' sides (B, K, 5) (`worldmodel.encoder.mask_sides`)
-        and the camera's x axis on the floor plane (B, 2) (both needed by `cut_half_width_m`) -> per track:
+        `hold_below` and `cut_half_width_m`), the slots' sides (B, K, 5) (`worldmodel.encoder.mask_geometry`)
+        and the camera's right on the floor plane (B, 2) (`camera_right`; both needed by `cut_half_width_m`) -> per track:
         slot vector, colour, remembered world centre, pixels its object shows now (0 if none) and age (B, K)."""
         s = slots.shape[-1]
         if (self.hold_below is not None or self.cut_half_width_m is not None) and camera is None:
@@ -230,7 +237,7 @@ class SlotMemory:
     def _complete(self, det: np.ndarray, members: list[np.ndarray], sides: np.ndarray, camera: np.ndarray,
                   axis: np.ndarray, s: int) -> None:
         """Step 6, in place on the detections (D, F): one cut by the image's left or right side only (its
-        slots' `sides` (K, 5)) has its centre moved outward along `axis` (the camera's x axis on the floor,
+        slots' `sides` (K, 5)) has its centre moved outward along `axis` (the camera's right on the floor,
         (2,)) to `cut_half_width_m` beyond its inner side; one cut on both sides fills the frame's width and
         one with no pixel above the floor (a flat disc) is left as it is."""
         for d, m in enumerate(members):
@@ -330,17 +337,15 @@ def slot_tokens(slots: Tensor, colour: Tensor, centre: Tensor, pixels: Tensor, c
                 sides: Tensor | None = None) -> Tensor:
     """Slot vectors (B, K, S), mean colours (B, K, 3), world centres (B, K, 3), pixels won (B, K),
     cam_pose (B, 4, 4), planar spreads (B, K) m (None: unknown, every slot compact), the slots' sides
-    (B, K, 5) (`worldmodel.encoder.mask_sides`; read by a tracker that completes cut objects) -> tokens
+    (B, K, 5) (`worldmodel.encoder.mask_geometry`; read by a tracker that completes cut objects) -> tokens
     (B, K, S + TOKEN_EXTRA_DIM), one per track of `memory` (a fresh one if None: then track k is the
     slot k, when it is an object): the slot vector, its colour, its centre in the camera's planar frame
     (forward, left, up), the planar direction to it in that frame, log1p(pixels) / log1p(image pixels)
     (0 for a track that sees nothing of its object now) and log1p(age) / log1p(NEVER_SEEN_AGE), age =
     steps since the track last saw its object. A track that sees nothing now keeps what it last saw."""
     pos, yaw = planar_pose(cam_pose)
-    axis = cam_pose[..., :2, 0]
-    axis = axis / axis.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     slots, colour, centre, pixels, age = (memory if memory is not None else SlotMemory())(
-        slots, colour, centre, pixels, spread, cam_pose[..., :3, 3], sides, axis)
+        slots, colour, centre, pixels, spread, cam_pose[..., :3, 3], sides, camera_right(cam_pose))
     planar = _to_local(centre[..., :2], pos, yaw)
     direction = planar / planar.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     share = torch.log1p(pixels.float()) / math.log1p(image_pixels)

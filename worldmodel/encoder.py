@@ -102,7 +102,7 @@ class EncoderOutput:
     # "spread": (B, T, K) m, how far its pixels lie from their centroid on the floor plane (their planar
     # standard deviation): a few cm for an object, tens of cm for the floor or a wall;
     # "sides": (B, T, K, 5) how far sideways its pixels that stand above the floor reach, and whether the
-    # image's left or right side cuts them (`mask_sides`)
+    # image's left or right side cuts them (`mask_geometry`)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -461,8 +461,7 @@ class ObjectCentricEncoder(nn.Module):
         masks = torch.softmax(logits, dim=1).view(b, t, k, h, w)
         recon_img = (masks.unsqueeze(3) * rgbd.view(b, t, k, 4, h, w)).sum(2) if recon else None
         won = F.one_hot(masks.argmax(2), k).permute(0, 1, 4, 2, 3).float()  # (B, T, K, H, W) hard assignment
-        centroid, pixels, spread = mask_geometry(won, depth, intrinsics, cam_pose)
-        sides = mask_sides(won, depth, intrinsics, cam_pose)
+        centroid, pixels, spread, sides = mask_geometry(won, depth, intrinsics, cam_pose)
         if self.center is not None:
             evidence = self.center_evidence(slots, weights, feats, won, centroid, pixels, cam_pose)
             geometry = self.center(evidence, centroid, pixels)
@@ -532,16 +531,37 @@ class ObjectCentricEncoder(nn.Module):
 # ---------------------------------------------------------------------------- geometry of the slots
 
 
-def mask_geometry(won: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+ABOVE_FLOOR_M = 0.02  # a pixel this high above the floor plane (world z) is a standing object's, not the floor's
+
+
+def mask_geometry(won: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per slot: world-frame centroid of the valid-depth pixels it wins, and the planar unit direction
-    from the camera to it; and how widely those pixels spread on the floor plane. won (B, T, K, H, W)
-    the one-hot argmax of the masks over slots, depth (B, T, H, W) -> geometry (B, T, K, 5), pixels won
-    (B, T, K), planar spread (B, T, K) m (the root of the summed variance of x and y; 0 with no pixel).
+    from the camera to it; how widely those pixels spread on the floor plane; and how far sideways those
+    of them that stand above the floor reach. won (B, T, K, H, W) the one-hot argmax of the masks over
+    slots, depth (B, T, H, W) -> geometry (B, T, K, 5), pixels won (B, T, K), planar spread (B, T, K) m
+    (the root of the summed variance of x and y; 0 with no pixel), sides (B, T, K, 5).
     Hard assignment, because soft alphas leak a little weight over the whole image and a little
     weight on thousands of floor pixels drags an object's centroid far off (this part is not
-    trained through). A slot that wins no valid pixel gets the camera position and a zero direction."""
-    d, pts = _pixel_points(depth, intrinsics, cam_pose)
+    trained through). A slot that wins no valid pixel gets the camera position and a zero direction.
+
+    Sides: of the pixels standing over `ABOVE_FLOOR_M` above the floor, the leftmost and rightmost as
+    planar offsets (m) from the camera to the right of its optical axis laid on the floor (0, 0 where
+    there are none), 1.0 where one of them lies in the image's left / right border column (else 0.0),
+    and their count. A box pushed off the pusher plate's centre line is cut by the frame's side and its
+    visible centroid lies inward of its centre; its inner side is whole, which is what
+    `policies.observation.SlotMemory` completes it from. Only pixels above the floor count, because a
+    slot that wins an object also wins scraps of the floor around it (a box's pixel extent then reaches
+    17 to 26 cm for a 10 cm box), and a flat object (the goal disc) has none: it is never completed."""
+    h, w = won.shape[-2:]
+    d = torch.nan_to_num(depth.float(), nan=0.0, posinf=0.0, neginf=0.0)
     valid = (d > 0).float()
+    v, u = torch.meshgrid(torch.arange(h, device=d.device, dtype=d.dtype),  # pixel centres at integers,
+                          torch.arange(w, device=d.device, dtype=d.dtype), indexing="ij")  # as sim.geometry
+    fx, fy = intrinsics[..., 0, 0, None, None], intrinsics[..., 1, 1, None, None]
+    cx, cy = intrinsics[..., 0, 2, None, None], intrinsics[..., 1, 2, None, None]
+    pts_cam = torch.stack([(u - cx) / fx * d, (v - cy) / fy * d, d], -1)  # (B, T, H, W, 3)
+    pts = pts_cam @ cam_pose[..., None, :3, :3].transpose(-1, -2) + cam_pose[..., None, None, :3, 3]
     wmask = won.to(d.dtype) * valid.unsqueeze(2)  # (B, T, K, H, W)
     mass = wmask.sum((-1, -2))
     centre = torch.einsum("btkhw,bthwc->btkc", wmask, pts) / mass.clamp(min=1e-6).unsqueeze(-1)
@@ -554,51 +574,24 @@ def mask_geometry(won: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tens
     centre = torch.where(mass.unsqueeze(-1) > 0.5, centre, cam)
     planar = centre[..., :2] - cam[..., :2]
     direction = planar / planar.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-    return torch.cat([centre, direction], -1), mass, spread
+    return torch.cat([centre, direction], -1), mass, spread, _sides(won, valid > 0, pts, cam_pose)
 
 
-def _pixel_points(depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> tuple[Tensor, Tensor]:
-    """depth (B, T, H, W) -> (the depth with NaN and inf as 0 (invalid), each pixel's world point (B, T, H, W, 3))."""
-    h, w = depth.shape[-2:]
-    d = torch.nan_to_num(depth.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    v, u = torch.meshgrid(torch.arange(h, device=d.device, dtype=d.dtype),  # pixel centres at integers,
-                          torch.arange(w, device=d.device, dtype=d.dtype), indexing="ij")  # as sim.geometry
-    fx, fy = intrinsics[..., 0, 0, None, None], intrinsics[..., 1, 1, None, None]
-    cx, cy = intrinsics[..., 0, 2, None, None], intrinsics[..., 1, 2, None, None]
-    pts_cam = torch.stack([(u - cx) / fx * d, (v - cy) / fy * d, d], -1)  # (B, T, H, W, 3)
-    return d, pts_cam @ cam_pose[..., None, :3, :3].transpose(-1, -2) + cam_pose[..., None, None, :3, 3]
-
-
-ABOVE_FLOOR_M = 0.02  # a pixel this high above the floor plane (world z) is a standing object's, not the floor's
-
-
-def mask_sides(won: Tensor, depth: Tensor, intrinsics: Tensor, cam_pose: Tensor) -> Tensor:
-    """Per slot, how far sideways the valid-depth pixels it wins that stand above the floor
-    (`ABOVE_FLOOR_M`) reach, and whether the image's side cuts them. won (B, T, K, H, W) one-hot,
-    depth (B, T, H, W) -> (B, T, K, 5): the leftmost and rightmost of those pixels as planar offsets (m)
-    from the camera along its x axis laid on the floor (right positive; 0, 0 where there are none),
-    1.0 where one of them lies in the image's left / right border column (else 0.0), and their count.
-
-    A box pushed off the pusher plate's centre line is cut by the frame's side and its visible centroid
-    lies inward of its centre; its inner side is whole, which is what `policies.observation.SlotMemory`
-    completes it from. Only pixels above the floor count, because a slot that wins an object also wins
-    scraps of the floor around it (a box's pixel extent then reaches 17 to 26 cm for a 10 cm box), and
-    a flat object (the goal disc) has none: it is never completed."""
-    w = won.shape[-1]
-    d, pts = _pixel_points(depth, intrinsics, cam_pose)
-    axis = cam_pose[..., :2, 0]
-    axis = axis / axis.norm(dim=-1, keepdim=True).clamp(min=1e-6)  # (B, T, 2)
-    lateral = ((pts[..., :2] - cam_pose[..., None, None, :2, 3]) * axis[..., None, None, :]).sum(-1)  # (B, T, H, W)
-    standing = (d > 0) & (pts[..., 2] > ABOVE_FLOOR_M)
-    on = (won > 0.5) & standing.unsqueeze(2)  # (B, T, K, H, W)
-    lat = lateral.unsqueeze(2).expand_as(on)
-    any_px = on.flatten(-2).any(-1)
-    left = torch.where(on, lat, torch.full_like(lat, float("inf"))).flatten(-2).amin(-1)
-    right = torch.where(on, lat, torch.full_like(lat, float("-inf"))).flatten(-2).amax(-1)
-    zero = torch.zeros_like(left)
-    return torch.stack([torch.where(any_px, left, zero), torch.where(any_px, right, zero),
-                        on[..., 0].any(-1).to(d.dtype), on[..., w - 1].any(-1).to(d.dtype),
-                        on.flatten(-2).sum(-1).to(d.dtype)], -1)
+def _sides(won: Tensor, valid: Tensor, pts: Tensor, cam_pose: Tensor) -> Tensor:
+    """`mask_geometry`'s sides: won (B, T, K, H, W), valid depth (B, T, H, W) bool, the pixels' world points
+    (B, T, H, W, 3) -> (B, T, K, 5)."""
+    h, w = won.shape[-2:]
+    b, t = pts.shape[:2]
+    right = -camera_planar(pts.reshape(b, t, h * w, 3), cam_pose)[..., 1].view(b, t, h, w)
+    on = (won > 0.5) & (valid & (pts[..., 2] > ABOVE_FLOOR_M)).unsqueeze(2)  # (B, T, K, H, W)
+    lat = right.unsqueeze(2).expand_as(on)
+    count = on.flatten(-2).sum(-1)
+    left_most = torch.where(on, lat, torch.full_like(lat, float("inf"))).flatten(-2).amin(-1)
+    right_most = torch.where(on, lat, torch.full_like(lat, float("-inf"))).flatten(-2).amax(-1)
+    zero = torch.zeros_like(left_most)
+    return torch.stack([torch.where(count > 0, left_most, zero), torch.where(count > 0, right_most, zero),
+                        on[..., 0].any(-1).to(pts.dtype), on[..., w - 1].any(-1).to(pts.dtype),
+                        count.to(pts.dtype)], -1)
 
 
 def default_stats() -> dict[str, Any]:

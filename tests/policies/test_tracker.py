@@ -175,7 +175,7 @@ def test_occlusion_passes_a_held_centre_to_a_new_track_of_the_same_object():
         np.testing.assert_allclose(where[disc[0], :2].numpy(), expected, atol=1e-6, err_msg=tracker)
 
 
-# the camera at the origin looking along world +x: its x axis (image right) is world -y
+# the camera at the origin looking along world +x: its right is world -y
 RIGHT = [0.0, -1.0]
 
 
@@ -210,11 +210,11 @@ def test_amodal_completes_a_box_cut_by_the_images_side_from_its_inner_side():
 def test_amodal_places_a_rendered_box_on_the_plates_edge():
     """Real MuJoCo frames of a box in front of the pusher plate, 0 / 6 / 10 cm off its centre line, with the
     simulator's segmentation as the slots' masks (box, goal disc, the rest). Off the line the image's side
-    cuts the box; the encoder's `mask_sides` sees it, and the `amodal` track lies within 1 cm of the box
+    cuts the box; the encoder's `mask_geometry` sides see it, and the `amodal` track lies within 1 cm of the box
     sideways where the visible centroid (`occlusion`) is 2 to 5 cm inward. The rest (floor, walls) is
     background and the disc, flat, has no pixel above the floor."""
     from sim.env import FIRST_OBJECT_SEG_ID, GOAL_SEG_ID, EgoPushEnv
-    from worldmodel.encoder import mask_geometry, mask_sides
+    from worldmodel.encoder import mask_geometry
 
     env = EgoPushEnv(task="single", level="easy", segmentation=True)
     try:
@@ -228,8 +228,8 @@ def test_amodal_places_a_rendered_box_on_the_plates_edge():
             masks = np.stack([seg == FIRST_OBJECT_SEG_ID, seg == GOAL_SEG_ID, seg == 0, seg == 1])
             won = torch.from_numpy(masks).float()[None, None]
             frame = [torch.from_numpy(obs[k]).float()[None, None] for k in ("depth", "intrinsics", "cam_pose")]
-            sides = mask_sides(won, *frame)[:, 0]
-            geometry, pixels, spread = mask_geometry(won, *frame)
+            geometry, pixels, spread, sides = mask_geometry(won, *frame)
+            sides = sides[:, 0]
             assert sides[0, 2, 4] == 0 and sides[0, 1, 4] == 0  # floor and disc: nothing stands above the floor
             assert (sides[0, 0, 2:4].sum() == 1) == (left != 0), left  # the box is cut on one side off the line
             cam_pose = frame[2][:, 0]

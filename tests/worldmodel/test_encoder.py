@@ -161,8 +161,8 @@ def test_mask_geometry_spread_by_hand():
     won[0, 0, 0, 2:4, 5] = 1
     won[0, 0, 0, 2:4, 25] = 1
     won[0, 0, 1, 6, 10] = 1
-    geometry, pixels, spread = mask_geometry(won, torch.full((1, 1, h, w), 2.0), intr.view(1, 1, 3, 3),
-                                             cam.view(1, 1, 4, 4))
+    geometry, pixels, spread, _ = mask_geometry(won, torch.full((1, 1, h, w), 2.0), intr.view(1, 1, 3, 3),
+                                                cam.view(1, 1, 4, 4))
     torch.testing.assert_close(pixels[0, 0], torch.tensor([4.0, 1.0, 0.0]))
     torch.testing.assert_close(spread[0, 0], torch.tensor([20 * 2.0 / f / 2, 0.0, 0.0]), atol=1e-4, rtol=0)
     torch.testing.assert_close(geometry[0, 0, 0, :2], torch.tensor([2.0, -(15.0 - 15.5) * 2.0 / f]), atol=1e-5,
