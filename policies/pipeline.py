@@ -36,7 +36,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sim.collect import LEVELS, TASKS, check_choice, collect, run_cli, to_config
-from sim.pipeline import SuiteConfig, cached_stage, write_text
+from sim.pipeline import SuiteConfig, cached_stage, work_settings, write_text
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -104,11 +104,12 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def _timed(out: Path, name: str, run, settings: dict[str, Any]) -> Any:
     """Run a stage and record its wall time in stages/times.json: summed over runs of the same stage
     settings (a resumed stage adds to its time), started afresh when they changed (a stage redone for
-    new settings does not count the old run's time)."""
+    new settings does not count the old run's time). Settings that only change how it runs
+    (`sim.pipeline.HOW_NOT_WHAT`) do not count; a trainer's settings are given resolved (`_resolved`), so
+    that a default changed in the code restarts the time as a changed option does."""
     path = out / "stages" / "times.json"
     times = json.loads(path.read_text()) if path.is_file() else {}
-    kept = {k: v for k, v in settings.items() if k not in ("progress", "workers")}  # do not change the work
-    key = hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps(work_settings(settings), sort_keys=True, default=str).encode()).hexdigest()[:16]
     entry = times.get(name)
     if not isinstance(entry, dict):  # a times.json from before the settings were recorded: keep summing
         entry = {"seconds": float(entry or 0.0), "settings": key}
@@ -119,6 +120,11 @@ def _timed(out: Path, name: str, run, settings: dict[str, Any]) -> Any:
     times[name] = {"seconds": round(entry["seconds"] + time.perf_counter() - t0, 1), "settings": key}
     write_text(path, json.dumps(times, indent=1))
     return result
+
+
+def _resolved(schema: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """A trainer's settings with every default filled in, as the trainer will run them."""
+    return OmegaConf.to_container(OmegaConf.structured(to_config(settings, schema)), resolve=True)
 
 
 def stage_seconds(out: Path) -> dict[str, float]:
@@ -147,9 +153,11 @@ def _check(cfg: PolicyPipelineConfig) -> None:
 def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None) -> dict[str, Any]:
     """Run every stage (resuming finished ones); returns the figures, also written to metrics.json."""
     from policies.evaluate import run as run_eval
+    from policies.train import TrainPolicyConfig
     from policies.train import train as train_policy
     from sim.evaluate import evaluate
     from worldmodel.checkpoint import weights_digest
+    from worldmodel.train import WorldModelTrainConfig
     from worldmodel.train import train as train_wm
 
     cfg: PolicyPipelineConfig = to_config(config, PolicyPipelineConfig)
@@ -172,14 +180,15 @@ def run_pipeline(config: PolicyPipelineConfig | DictConfig | dict | None = None)
     enc_dir, pred_dir, pol_dir = out / "wm_encoder", out / "wm_predictor", out / "policy"
     enc_cfg = _merge({"stage": "encoder", "out": str(enc_dir), "progress": cfg.progress, "data": wm_data,
                       "train": {"device": cfg.train_device}}, cfg.encoder)
-    _timed(out, "encoder", lambda: train_wm(enc_cfg), enc_cfg)
+    _timed(out, "encoder", lambda: train_wm(enc_cfg), _resolved(WorldModelTrainConfig, enc_cfg))
     pred_cfg = _merge({"stage": "predictor", "out": str(pred_dir), "encoder": str(enc_dir), "progress": cfg.progress,
                        "data": wm_data, "predictor": {"device": cfg.train_device}}, cfg.predictor)
-    _timed(out, "predictor", lambda: train_wm(pred_cfg), pred_cfg)
+    _timed(out, "predictor", lambda: train_wm(pred_cfg), _resolved(WorldModelTrainConfig, pred_cfg))
     pol_cfg = _merge({"out": str(pol_dir), "encoder": str(enc_dir), "progress": cfg.progress,
                       "data": {"task": cfg.task, "level": cfg.level, "paths": [str(demos_path)]},
                       "train": {"device": cfg.train_device}}, cfg.policy)
-    policy = _timed(out, "policy", lambda: train_policy(pol_cfg), pol_cfg | {"demos": demo_settings})
+    policy = _timed(out, "policy", lambda: train_policy(pol_cfg),
+                    _resolved(TrainPolicyConfig, pol_cfg) | {"demos": demo_settings})
 
     # an evaluation is redone when the policy it measured changed, even at the same step counts (trained
     # afresh with other settings); and with selection, when the predictor did

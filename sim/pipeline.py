@@ -132,12 +132,26 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+# settings that change how a stage runs, not what it computes (episodes are seeded one by one)
+HOW_NOT_WHAT = ("progress", "workers")
+
+
+def work_settings(settings: Any) -> Any:
+    """`settings` as plain JSON without the `HOW_NOT_WHAT` keys, at any depth: what a stage's result depends on."""
+    if isinstance(settings, Mapping):
+        return {k: work_settings(v) for k, v in settings.items() if k not in HOW_NOT_WHAT}
+    if isinstance(settings, list | tuple):
+        return [work_settings(v) for v in settings]
+    return settings
+
+
 def cached_stage(path: Path, settings: Mapping[str, Any], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """`run()`'s result, stored at `path` with its settings; reused while the settings are the same."""
+    """`run()`'s result, stored at `path` with its settings; reused while the settings are the same, apart
+    from `HOW_NOT_WHAT` (a rerun with `progress=false` or other workers reuses it)."""
     settings = _jsonable(dict(settings))
     if path.is_file():
         stored = json.loads(path.read_text())
-        if stored.get("settings") == settings:
+        if work_settings(stored.get("settings")) == work_settings(settings):
             return stored["result"]
     result = _jsonable(run())
     write_text(path, json.dumps({"settings": settings, "result": result}, indent=1))

@@ -64,6 +64,40 @@ def test_stage_times_add_up_over_resumes_and_restart_for_new_settings(tmp_path):
     assert stage_seconds(tmp_path)["old"] == pytest.approx(5.0, abs=0.05)
 
 
+def test_a_trainer_stage_is_timed_by_its_resolved_settings(tmp_path):
+    """A default the code changed restarts the stage's time as an option changed by hand does; writing
+    the default out, or running with other workers or without progress bars, does not."""
+    from policies.observation import DEFAULT_TRACKER, TRACKERS
+    from policies.pipeline import _resolved
+    from policies.train import TrainPolicyConfig
+
+    def timed(seconds, settings):
+        _timed(tmp_path, "policy", lambda: time.sleep(seconds), _resolved(TrainPolicyConfig, settings))
+        return stage_seconds(tmp_path)["policy"]
+
+    assert _resolved(TrainPolicyConfig, {"out": "p"})["policy"]["tracker"] == DEFAULT_TRACKER
+    timed(0.2, {"out": "p"})
+    explicit = {"out": "p", "progress": False, "data": {"workers": 1}, "policy": {"tracker": DEFAULT_TRACKER}}
+    assert timed(0.2, explicit) == pytest.approx(0.4, abs=0.1)
+    other = next(t for t in TRACKERS if t != DEFAULT_TRACKER)
+    assert timed(0.1, {"out": "p", "policy": {"tracker": other}}) == pytest.approx(0.1, abs=0.05)
+
+
+def test_a_cached_evaluation_is_reused_whatever_the_workers_and_progress(tmp_path):
+    from sim.pipeline import cached_stage
+
+    calls = []
+
+    def run(result):
+        return lambda: calls.append(result) or {"r": result}
+
+    path = tmp_path / "eval.json"
+    assert cached_stage(path, {"episodes": 3, "workers": 2, "progress": True}, run(1)) == {"r": 1}
+    assert cached_stage(path, {"episodes": 3, "workers": 1, "progress": False}, run(2)) == {"r": 1}
+    assert cached_stage(path, {"episodes": 4, "workers": 2, "progress": True}, run(3)) == {"r": 3}
+    assert len(calls) == 2
+
+
 def test_yaml_defaults_match_the_dataclass_and_the_cpu_budget():
     cfg = load_config([])
     assert cfg.task == "single" and cfg.suites["single_easy"].episodes == 100
