@@ -249,7 +249,7 @@ def render_report(cfg: PolicyPipelineConfig, m: dict[str, Any], out: Path) -> st
               "| --- | --- | --- | --- | --- | ---: | ---: | --- | ---: | --- |"]
     for name, r in m["evaluation"].items():
         n_action = r["controller"].get("n_action")
-        every = f"{n_action} steps" if n_action else "as trained"
+        every = (f"{n_action} steps" if n_action > 1 else "1 step") if n_action else "as trained"
         select = r["controller"].get("select")
         chunk = f"predictor's best of {select}" if select else "one sample"
         lines.append(f"| {name} | {r['task']} | {r['level']} | {every} | {chunk} | {r['episodes']} "
