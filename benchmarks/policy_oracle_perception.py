@@ -12,6 +12,14 @@ last position seen. Everything else is the slots policy's: `SlotSetEncoder`, the
 consistency distillation, the robot state, the evaluation seeds. The gap between this figure and
 `policy_success` is what the encoder's slots cost. Metric `success_rate` with `policy` =
 `oracle-tokens` (a diagnostic upper bound, not a deployable policy: it reads privileged state).
+
+`--plan` adds the expert's plan to the tokens (`policy` = `oracle-tokens+plan`): one more column that
+marks the box the scripted expert is working on and the goal it is pushing it to (in Formation, which
+of three boxes goes to which of three slots; nothing while it searches or backs away). In training the
+plan comes from replaying the expert over each demonstration's recorded states (checked: the replay
+reproduces every recorded label); in evaluation a noise-free copy of the expert watches the episode
+and its plan is read at every step. It asks whether the policy can execute a task's pushes once told
+which push is due, apart from choosing them.
 """
 
 from __future__ import annotations
@@ -30,13 +38,16 @@ NEVER_SEEN = 1000.0
 
 
 class OracleTokens:
-    """Per-episode memory of where each object and goal was last seen -> tokens (K, K + 5)."""
+    """Per-episode memory of where each object and goal was last seen -> tokens (K, K + 5), or (K, K + 6)
+    with the plan's column (`plan=True`: 1 on the box being worked on and on its goal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, plan: bool = False) -> None:
         self.pos: np.ndarray | None = None
         self.age: np.ndarray | None = None
+        self.plan = plan
 
-    def __call__(self, robot_pose, object_poses, goals, visible, goal_visible) -> np.ndarray:
+    def __call__(self, robot_pose, object_poses, goals, visible, goal_visible,
+                 task: tuple[int, int] | None = None) -> np.ndarray:
         pos = np.concatenate([np.asarray(object_poses)[:, :2], np.asarray(goals)], 0)
         seen = np.concatenate([visible, goal_visible], 0).astype(bool)
         if self.pos is None:
@@ -51,11 +62,49 @@ class OracleTokens:
         direction = local / np.maximum(np.linalg.norm(local, axis=-1, keepdims=True), 1e-6)
         k = len(pos)
         age = np.log1p(self.age) / np.log1p(NEVER_SEEN)
-        return np.concatenate([np.eye(k), local, direction, age[:, None]], -1).astype(np.float32)
+        columns = [np.eye(k), local, direction, age[:, None]]
+        if self.plan:
+            active = np.zeros((k, 1))
+            if task is not None:
+                active[task[0]] = active[len(object_poses) + task[1]] = 1.0
+            columns.append(active)
+        return np.concatenate(columns, -1).astype(np.float32)
 
 
-def load_oracle_demos(paths: list[str]):
-    """Demonstrations as `policies.data.DemoData` with privileged tokens in place of slot tokens."""
+class ExpertPlan:
+    """The scripted expert's current (object, goal) task, from watching an episode's states step by step
+    (a noise-free copy of the expert: its actions are discarded, its plan is read)."""
+
+    def __init__(self, formation: str = "") -> None:
+        from sim.experts import PushExpert
+
+        self.expert = PushExpert()
+        self.formation = formation
+        self.started = False
+
+    def info(self, robot_pose, object_poses, goals, visible, goal_visible) -> dict:
+        return {"object_names": [str(i) for i in range(len(object_poses))], "formation": self.formation,
+                "goal": goals, "robot_pose": robot_pose, "object_poses": object_poses, "visible": visible,
+                "goal_visible": goal_visible}
+
+    def __call__(self, robot_pose, object_poses, goals, visible,
+                 goal_visible) -> tuple[tuple[int, int] | None, np.ndarray]:
+        """(the task after this step's decision or None, the expert's own action label)."""
+        info = self.info(robot_pose, object_poses, goals, visible, goal_visible)
+        if not self.started:
+            self.expert.reset({}, info)
+            self.started = True
+        self.expert.act({}, info)
+        ex = self.expert
+        if len(goals) == 1:  # Single: the one box to the one goal, once both have been seen
+            known = ex.mem_obj[0] is not None and ex.mem_goal[0] is not None
+            return ((0, 0) if known else None), ex.label
+        return ex.assignment, ex.label
+
+
+def load_oracle_demos(paths: list[str], plan: bool = False):
+    """Demonstrations as `policies.data.DemoData` with privileged tokens in place of slot tokens (and the
+    expert's plan replayed over each episode with `plan`)."""
     import torch
 
     from policies.data import DemoData
@@ -71,9 +120,20 @@ def load_oracle_demos(paths: list[str]):
             cam = torch.from_numpy(ep["cam_pose"])
             state.append(robot_state(torch.from_numpy(ep["proprio"]), cam, cam[:1].expand_as(cam)).numpy())
             action.append(ep["action"].astype(np.float32))
-            memory = OracleTokens()
-            tokens.append(np.stack([memory(ep["robot_pose"][t], ep["object_poses"][t], ep["goal"][t], ep["visible"][t],
-                                           ep["goal_visible"][t]) for t in range(len(ep["action"]))]))
+            memory = OracleTokens(plan)
+            watcher = ExpertPlan(ds.episode_info(e).get("formation", "")) if plan else None
+            frames, agree = [], 0
+            for t in range(len(ep["action"])):
+                seen = tuple(ep[k][t] for k in ("robot_pose", "object_poses", "goal", "visible", "goal_visible"))
+                task = None
+                if watcher is not None:
+                    task, label = watcher(*seen)
+                    agree += bool(np.allclose(label, ep["action"][t], atol=1e-4))
+                frames.append(memory(*seen, task=task))
+            if watcher is not None and agree < 0.99 * len(frames):
+                raise ValueError(f"{p} episode {e}: the replayed expert reproduces {agree} of {len(frames)} recorded "
+                                 "labels; the demonstrations were recorded with other expert settings")
+            tokens.append(np.stack(frames))
             lengths.append(len(ep["action"]))
     ends = np.cumsum(lengths)
     return DemoData(state=np.concatenate(state).astype(np.float32), action=np.concatenate(action),
@@ -83,7 +143,8 @@ def load_oracle_demos(paths: list[str]):
 class OracleController:
     """The trained oracle-token policy as a `sim` Controller (reads `info`: privileged)."""
 
-    def __init__(self, checkpoint: str, seed: int = 0, threads: int = 1, n_action: int | None = None) -> None:
+    def __init__(self, checkpoint: str, seed: int = 0, threads: int = 1, n_action: int | None = None,
+                 plan: bool = False) -> None:
         import torch
 
         from policies.train import load_policy
@@ -92,6 +153,7 @@ class OracleController:
         self.policy, _ = load_policy(checkpoint)
         self.n_action = n_action or self.policy.cfg.n_action
         self.seed = seed
+        self.plan = plan
         self.gen = torch.Generator()
 
     def reset(self, obs: dict, info: dict) -> None:
@@ -99,7 +161,8 @@ class OracleController:
 
         self.history: deque = deque(maxlen=self.policy.cfg.n_obs)
         self.buffer: list[np.ndarray] = []
-        self.memory = OracleTokens()
+        self.memory = OracleTokens(self.plan)
+        self.watcher = ExpertPlan(info.get("formation") or "") if self.plan else None
         self.start = torch.as_tensor(obs["cam_pose"]).float()
         self.gen.manual_seed(self.seed + int(np.asarray(obs["rgb"], np.int64).sum()))
 
@@ -108,7 +171,9 @@ class OracleController:
 
         from policies.observation import robot_state
 
-        tok = self.memory(info["robot_pose"], info["object_poses"], info["goal"], info["visible"], info["goal_visible"])
+        seen = (info["robot_pose"], info["object_poses"], info["goal"], info["visible"], info["goal_visible"])
+        task = self.watcher(*seen)[0] if self.watcher is not None else None
+        tok = self.memory(*seen, task=task)
         state = robot_state(torch.as_tensor(obs["proprio"])[None], torch.as_tensor(obs["cam_pose"]).float()[None],
                             self.start[None])[0]
         self.history.append((torch.from_numpy(tok), state))
@@ -135,6 +200,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n-action", type=int, default=None,
                         help="actions executed per chunk before re-planning (default: the trained 8)")
+    parser.add_argument("--plan", action="store_true",
+                        help="add the scripted expert's current task to the tokens (see the module docstring)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
 
@@ -158,12 +225,13 @@ def main() -> None:
            # an oracle token is read whole (the slots policy's token_tail keeps a track's colour and geometry)
            "policy": {"obs": "slots", "token_tail": 0} | ({"down_dims": [16, 32], "cond_dim": 32} if args.quick else {}),
            "train": {"steps": steps, "distill_steps": distill, "time_budget_min": args.budget_min}},
-          demos=load_oracle_demos(demos))  # the one change: privileged tokens instead of the encoder's slots
+          demos=load_oracle_demos(demos, args.plan))  # the one change: privileged tokens instead of the slots
     r = evaluate({"_target_": "policy_oracle_perception.OracleController", "checkpoint": out,
-                  "n_action": args.n_action}, task=args.task,
+                  "n_action": args.n_action, "plan": args.plan}, task=args.task,
                  level=args.level, episodes=episodes, seed=1000, workers=args.workers, progress=not args.quick)
     emit(BENCH, "success_rate", r["success_rate"], "fraction", task=args.task, level=args.level,
-         policy="oracle-tokens", episodes=episodes, ci95=[round(r["ci95_low"], 3), round(r["ci95_high"], 3)],
+         policy="oracle-tokens+plan" if args.plan else "oracle-tokens", episodes=episodes,
+         ci95=[round(r["ci95_low"], 3), round(r["ci95_high"], 3)],
          n_action=args.n_action, mean_length=round(r["mean_length"], 1), failures=r["failures"],
          goals_reached=r["goals_reached"], checkpoint=out,
          demos=demos, **machine())

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,3 +23,26 @@ def test_policy_oracle_perception_quick_reports_a_success_rate():
     assert figure["metric"] == "success_rate" and figure["policy"] == "oracle-tokens" and figure["episodes"] == 2
     assert 0.0 <= figure["value"] <= 1.0 and figure["n_action"] == 2
     assert sum(figure["failures"].values()) == round(2 * (1 - figure["value"]))
+
+
+def test_the_expert_plan_replays_formation_demonstrations_exactly(tmp_path):
+    """--plan: the expert watched over a recorded noisy-expert Formation episode reproduces every recorded
+    label, so the plan column it writes is the plan the demonstrator followed; a box and a slot are marked."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import policy_oracle_perception as oracle
+
+    from sim.collect import collect
+
+    path = str(tmp_path / "formation.zarr")
+    collect(out=path, task="formation", level="easy", policy="noisy_expert", episodes=1, max_steps=150, workers=0,
+            progress=False)
+    plain = oracle.load_oracle_demos([path])
+    planned = oracle.load_oracle_demos([path], plan=True)  # raises if the replay disagrees with a label
+    assert planned.tokens.shape[:-1] == plain.tokens.shape[:-1]
+    assert planned.tokens.shape[-1] == plain.tokens.shape[-1] + 1
+    np.testing.assert_array_equal(planned.tokens[..., :-1], plain.tokens)
+    marks = planned.tokens[..., -1]  # (N, 6 objects + 3 slots)
+    working = marks.sum(-1) > 0
+    assert working.any(), "the expert chose no box in 150 steps"
+    assert (marks[working, 1:4].sum(-1) == 1).all() and (marks[working, 6:].sum(-1) == 1).all()
+    assert (marks[:, [0, 4, 5]] == 0).all()  # neither the anchor nor a distractor is ever the box to push
