@@ -26,8 +26,8 @@ def test_policy_oracle_perception_quick_reports_a_success_rate():
 
 
 def test_the_expert_plan_replays_formation_demonstrations_exactly(tmp_path):
-    """--plan: the expert watched over a recorded noisy-expert Formation episode reproduces every recorded
-    label, so the plan column it writes is the plan the demonstrator followed; a box and a slot are marked."""
+    """--plan: the expert watched over a recorded noisy-expert Formation episode reproduces its recorded
+    labels, so the plan column it writes is the plan the demonstrator followed; a box and a slot are marked."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import policy_oracle_perception as oracle
 
