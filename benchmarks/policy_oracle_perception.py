@@ -17,9 +17,10 @@ consistency distillation, the robot state, the evaluation seeds. The gap between
 marks the box the scripted expert is working on and the goal it is pushing it to (in Formation, which
 of three boxes goes to which of three slots; nothing while it searches or backs away). In training the
 plan comes from replaying the expert over each demonstration's recorded states (checked: the replay
-reproduces at least 95% of each episode's recorded labels; the states are stored in float32); in evaluation a noise-free copy of the expert watches the episode
-and its plan is read at every step. It asks whether the policy can execute a task's pushes once told
-which push is due, apart from choosing them.
+reproduces at least 95% of each episode's recorded labels; the states are stored in float32); in
+evaluation a noise-free copy of the expert watches the episode and its plan is read at every step.
+It asks whether the policy can execute a task's pushes once told which push is due, apart from
+choosing them.
 """
 
 from __future__ import annotations
