@@ -17,7 +17,7 @@ consistency distillation, the robot state, the evaluation seeds. The gap between
 marks the box the scripted expert is working on and the goal it is pushing it to (in Formation, which
 of three boxes goes to which of three slots; nothing while it searches or backs away). In training the
 plan comes from replaying the expert over each demonstration's recorded states (checked: the replay
-reproduces at least 95% of each episode's recorded labels; the states are stored in float32); in
+reproduces at least 90% of each episode's recorded labels; the states are stored in float32); in
 evaluation a noise-free copy of the expert watches the episode and its plan is read at every step.
 It asks whether the policy can execute a task's pushes once told which push is due, apart from
 choosing them.
@@ -132,8 +132,9 @@ def load_oracle_demos(paths: list[str], plan: bool = False):
                     agree += bool(np.allclose(label, ep["action"][t], atol=1e-4))
                 frames.append(memory(*seen, task=task))
             # the states are stored as float32 and the expert decided on float64: a threshold crossed by a rounding
-            # error changes a few labels (at most 3% of an episode's in 185 Formation-easy demonstrations)
-            if watcher is not None and agree < 0.95 * len(frames):
+            # error changes a few labels (at most 3% of an episode's in 185 Formation-easy demonstrations, 7.5% in
+            # a long Formation-hard one); other expert settings disagree far more
+            if watcher is not None and agree < 0.9 * len(frames):
                 raise ValueError(f"{p} episode {e}: the replayed expert reproduces {agree} of {len(frames)} recorded "
                                  "labels; the demonstrations were recorded with other expert settings")
             tokens.append(np.stack(frames))
