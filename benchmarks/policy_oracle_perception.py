@@ -148,13 +148,18 @@ class OracleController:
     """The trained oracle-token policy as a `sim` Controller (reads `info`: privileged)."""
 
     def __init__(self, checkpoint: str, seed: int = 0, threads: int = 1, n_action: int | None = None,
-                 plan: bool = False) -> None:
+                 plan: bool = False, perception: str | None = None) -> None:
         import torch
 
         from policies.train import load_policy
 
         torch.set_num_threads(threads)
         self.policy, _ = load_policy(checkpoint)
+        self.segmenter = None
+        if perception:  # deployable: the tokens and the plan from segmented RGB-D, not from `info`
+            from policies.perception import load_segmenter
+
+            self.segmenter, self.seg_stats = load_segmenter(perception)
         self.n_action = n_action or self.policy.cfg.n_action
         self.seed = seed
         self.plan = plan
@@ -167,6 +172,13 @@ class OracleController:
         self.buffer: list[np.ndarray] = []
         self.memory = OracleTokens(self.plan)
         self.watcher = ExpertPlan(info.get("formation") or "") if self.plan else None
+        self.scene = None
+        if self.segmenter is not None:
+            from policies.perception import SceneMemory
+
+            # the task's definition (which objects, which formation), not its state
+            self.scene = SceneMemory(self.segmenter, self.seg_stats, info["object_names"], info.get("formation"),
+                                     n_goals=len(info["goal"]))
         self.start = torch.as_tensor(obs["cam_pose"]).float()
         self.gen.manual_seed(self.seed + int(np.asarray(obs["rgb"], np.int64).sum()))
 
@@ -175,6 +187,8 @@ class OracleController:
 
         from policies.observation import robot_state
 
+        if self.scene is not None:
+            info = self.scene(obs)
         seen = (info["robot_pose"], info["object_poses"], info["goal"], info["visible"], info["goal_visible"])
         task = self.watcher(*seen)[0] if self.watcher is not None else None
         tok = self.memory(*seen, task=task)
@@ -206,6 +220,10 @@ def main() -> None:
                         help="actions executed per chunk before re-planning (default: the trained 8)")
     parser.add_argument("--plan", action="store_true",
                         help="add the scripted expert's current task to the tokens (see the module docstring)")
+    parser.add_argument("--checkpoint", default=None, help="evaluate this trained token policy (no training)")
+    parser.add_argument("--perception", default=None,
+                        help="a trained scene segmenter (benchmarks/scene_perception.py): build the tokens and the "
+                             "plan from egocentric RGB-D through it instead of from privileged state (deployable)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
 
@@ -222,19 +240,23 @@ def main() -> None:
         collect(out=demos[0], task=args.task, level=args.level, policy="expert", episodes=3, max_steps=40, workers=0,
                 progress=False)
         out, episodes, steps, distill = str(Path(tmp.name) / "oracle"), 2, 5, 2
-    if not all(Path(p).exists() for p in demos):
+    if args.checkpoint:
+        out = args.checkpoint
+    elif not all(Path(p).exists() for p in demos):
         raise SystemExit(f"demonstrations {demos} not found: run ego-pipeline first, or pass --demos")
-    train({"out": out, "encoder": "", "progress": not args.quick,
-           "data": {"paths": demos, "task": args.task, "level": args.level},
-           # an oracle token is read whole (the slots policy's token_tail keeps a track's colour and geometry)
-           "policy": {"obs": "slots", "token_tail": 0} | ({"down_dims": [16, 32], "cond_dim": 32} if args.quick else {}),
-           "train": {"steps": steps, "distill_steps": distill, "time_budget_min": args.budget_min}},
-          demos=load_oracle_demos(demos, args.plan))  # the one change: privileged tokens instead of the slots
+    if not args.checkpoint:
+        train({"out": out, "encoder": "", "progress": not args.quick,
+               "data": {"paths": demos, "task": args.task, "level": args.level},
+               # an oracle token is read whole (the slots policy's token_tail keeps a track's colour and geometry)
+               "policy": {"obs": "slots", "token_tail": 0} | ({"down_dims": [16, 32], "cond_dim": 32} if args.quick else {}),
+               "train": {"steps": steps, "distill_steps": distill, "time_budget_min": args.budget_min}},
+              demos=load_oracle_demos(demos, args.plan))  # the one change: privileged tokens instead of the slots
     r = evaluate({"_target_": "policy_oracle_perception.OracleController", "checkpoint": out,
-                  "n_action": args.n_action, "plan": args.plan}, task=args.task,
+                  "n_action": args.n_action, "plan": args.plan, "perception": args.perception}, task=args.task,
                  level=args.level, episodes=episodes, seed=1000, workers=args.workers, progress=not args.quick)
     emit(BENCH, "success_rate", r["success_rate"], "fraction", task=args.task, level=args.level,
-         policy="oracle-tokens+plan" if args.plan else "oracle-tokens", episodes=episodes,
+         policy=("segmenter-tokens" if args.perception else "oracle-tokens") + ("+plan" if args.plan else ""),
+         perception=args.perception, episodes=episodes,
          ci95=[round(r["ci95_low"], 3), round(r["ci95_high"], 3)],
          n_action=args.n_action, mean_length=round(r["mean_length"], 1), failures=r["failures"],
          goals_reached=r["goals_reached"], checkpoint=out,

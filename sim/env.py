@@ -62,6 +62,13 @@ FORMATIONS = {
 }
 
 
+def task_objects(task: str, n_distractors: int) -> list[str]:
+    """The names of a task's objects in `info["object_names"]` order (segmentation id i + FIRST_OBJECT_SEG_ID
+    is object i)."""
+    boxes = ["box_red"] if task == "single" else list(BOX_NAMES)
+    return [*boxes, *DISTRACTOR_NAMES[:n_distractors]]
+
+
 @dataclass
 class Randomization:
     """Domain-randomisation switches. All off = the fixed, seeded evaluation setting."""
@@ -224,11 +231,9 @@ class EgoPushEnv(gym.Env):
         mujoco.mj_resetData(m, d)
         cfg = self.config
         self.formation = None
-        if cfg.task == "single":
-            self.objects = ["box_red", *DISTRACTOR_NAMES[: cfg.n_distractors]]
-        else:
+        if cfg.task != "single":
             self.formation = cfg.formation if cfg.formation != "random" else ("line", "cross")[rng.integers(2)]
-            self.objects = [*BOX_NAMES, *DISTRACTOR_NAMES[: cfg.n_distractors]]
+        self.objects = task_objects(cfg.task, cfg.n_distractors)
         self._objects_qidx = np.array([self._obj[n]["qadr"] + np.arange(7) for n in self.objects])
         self._place_scene(rng)
         if self.formation is not None:  # neutral slot markers; the single task's goal disc is green
