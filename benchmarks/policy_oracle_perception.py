@@ -103,21 +103,37 @@ class ExpertPlan:
         return ex.assignment, ex.label
 
 
-def load_oracle_demos(paths: list[str], plan: bool = False):
+def load_oracle_demos(paths: list[str], plan: bool = False, perception: str | None = None, progress: bool = True):
     """Demonstrations as `policies.data.DemoData` with privileged tokens in place of slot tokens (and the
-    expert's plan replayed over each episode with `plan`)."""
+    expert's plan replayed over each episode with `plan`). With `perception` (a trained segmenter) the
+    tokens are built from the recorded RGB-D through it instead, as at deployment; the plan is still the
+    demonstrator's own (replayed on its privileged states: the actions follow it)."""
     import torch
+    from tqdm import tqdm
 
     from policies.data import DemoData
     from policies.observation import robot_state
     from sim.dataset import EpisodeDataset
 
     keys = ["proprio", "cam_pose", "action", "robot_pose", "object_poses", "goal", "visible", "goal_visible"]
+    if perception:
+        from policies.perception import SceneMemory, load_segmenter
+        from sim.env import task_objects
+
+        segmenter, seg_stats = load_segmenter(perception)
+        keys += ["rgb", "depth", "intrinsics"]
     state, action, tokens, lengths = [], [], [], []
     for p in paths:
         ds = EpisodeDataset.open(p)
-        for e in range(ds.n_episodes):
+        env_cfg = ds.meta.get("env_config", {})
+        for e in tqdm(range(ds.n_episodes), desc=f"tokens {Path(p).name}", disable=not progress):
             ep = ds.episode(e, keys)
+            scene = None
+            if perception:
+                names = task_objects(env_cfg.get("task", "single"), int(env_cfg.get("n_distractors", 2)))
+                scene = SceneMemory(segmenter, seg_stats, names, ds.episode_info(e).get("formation") or None,
+                                    n_goals=ep["goal"].shape[1])
+                labels = segmenter.labels(ep["rgb"], ep["depth"])
             cam = torch.from_numpy(ep["cam_pose"])
             state.append(robot_state(torch.from_numpy(ep["proprio"]), cam, cam[:1].expand_as(cam)).numpy())
             action.append(ep["action"].astype(np.float32))
@@ -130,6 +146,10 @@ def load_oracle_demos(paths: list[str], plan: bool = False):
                 if watcher is not None:
                     task, label = watcher(*seen)
                     agree += bool(np.allclose(label, ep["action"][t], atol=1e-4))
+                if scene is not None:
+                    obs = {k: ep[k][t] for k in ("rgb", "depth", "intrinsics", "cam_pose")}
+                    est = scene(obs, labels[t])
+                    seen = tuple(est[k] for k in ("robot_pose", "object_poses", "goal", "visible", "goal_visible"))
                 frames.append(memory(*seen, task=task))
             # the states are stored as float32 and the expert decided on float64: a threshold crossed by a rounding
             # error changes a few labels (at most 3% of an episode's in 185 Formation-easy demonstrations, 7.5% in
@@ -250,7 +270,8 @@ def main() -> None:
                # an oracle token is read whole (the slots policy's token_tail keeps a track's colour and geometry)
                "policy": {"obs": "slots", "token_tail": 0} | ({"down_dims": [16, 32], "cond_dim": 32} if args.quick else {}),
                "train": {"steps": steps, "distill_steps": distill, "time_budget_min": args.budget_min}},
-              demos=load_oracle_demos(demos, args.plan))  # the one change: privileged tokens instead of the slots
+              # the one change: privileged (or segmented) object tokens instead of the slots
+              demos=load_oracle_demos(demos, args.plan, args.perception, progress=not args.quick))
     r = evaluate({"_target_": "policy_oracle_perception.OracleController", "checkpoint": out,
                   "n_action": args.n_action, "plan": args.plan, "perception": args.perception}, task=args.task,
                  level=args.level, episodes=episodes, seed=1000, workers=args.workers, progress=not args.quick)

@@ -90,9 +90,12 @@ class SceneSegmenter(nn.Module):
         return self.head(u1)
 
     @torch.no_grad()
-    def labels(self, rgb: np.ndarray, depth: np.ndarray) -> np.ndarray:
-        """rgb uint8 (H, W, 3), depth m (H, W) -> class index per pixel (H, W) int64."""
-        return self(rgbd_image(rgb, depth)[None])[0].argmax(0).numpy()
+    def labels(self, rgb: np.ndarray, depth: np.ndarray, batch: int = 64) -> np.ndarray:
+        """rgb uint8 (..., H, W, 3), depth m (..., H, W) -> class index per pixel (..., H, W) int64."""
+        x = rgbd_image(rgb, depth)
+        flat = x.reshape(-1, *x.shape[-3:])
+        out = torch.cat([self(flat[i:i + batch]).argmax(1) for i in range(0, len(flat), batch)])
+        return out.reshape(x.shape[:-3] + x.shape[-2:]).numpy()
 
 
 def load_segmenter(directory: str | Path) -> tuple[SceneSegmenter, dict[str, Any]]:
@@ -163,11 +166,13 @@ class SceneMemory:
         self.evidence = np.zeros((2, 2 * GRID_HALF, 2 * GRID_HALF))  # floor points with / without a marker
         self.last_labels: np.ndarray | None = None
 
-    def __call__(self, obs: dict) -> dict[str, Any]:
-        """One frame (`rgb`, `depth`, `intrinsics`, `cam_pose`) -> the privileged `info` fields, estimated."""
+    def __call__(self, obs: dict, labels: np.ndarray | None = None) -> dict[str, Any]:
+        """One frame (`rgb`, `depth`, `intrinsics`, `cam_pose`) -> the privileged `info` fields, estimated.
+        `labels` (H, W): the frame's segmentation when it was computed already (a batch over a recording)."""
         depth = np.nan_to_num(np.asarray(obs["depth"], np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         intr, cam = np.asarray(obs["intrinsics"], np.float64), np.asarray(obs["cam_pose"], np.float64)
-        labels = self.segmenter.labels(obs["rgb"], depth)
+        if labels is None:
+            labels = self.segmenter.labels(obs["rgb"], depth)
         self.last_labels = labels
         points = unproject_depth(depth, intr, cam)
         valid = np.isfinite(points[..., 0])
@@ -315,10 +320,10 @@ def load_frames(paths: Sequence[str], stride: int) -> list[dict[str, np.ndarray]
         ds = EpisodeDataset.open(p)
         env = ds.meta.get("env_config", {})
         names = task_objects(env.get("task", ds.meta.get("task", "single")), int(env.get("n_distractors", 2)))
+        if "segmentation" not in ds.keys:
+            raise ValueError(f"{p} has no segmentation: record it with `ego-collect ... segmentation=true`")
         for e in range(ds.n_episodes):
             ep = ds.episode(e, ["rgb", "depth", "segmentation", "intrinsics", "cam_pose", "object_poses", "visible"])
-            if "segmentation" not in ep:
-                raise ValueError(f"{p} has no segmentation: record it with `ego-collect ... segmentation=true`")
             ep = {k: v[::stride] for k, v in ep.items()}
             ep["target"] = class_targets(ep.pop("segmentation"), names)
             ep["names"] = names
