@@ -341,8 +341,9 @@ def train_segmenter(paths: Sequence[str], out: str | Path, cfg: SegmenterTrainCo
 
     cfg, model_cfg = cfg or SegmenterTrainConfig(), model_cfg or SegmenterConfig()
     episodes = load_frames(paths, cfg.stride)
-    n_val = max(1, round(cfg.val_fraction * len(episodes)))
-    train_eps, val_eps = episodes[:-n_val], episodes[-n_val:]
+    n_val = min(round(cfg.val_fraction * len(episodes)), len(episodes) - 1)
+    # with nothing held out, the IoU and the centre offsets come from the training episodes (said in metrics)
+    train_eps, val_eps = (episodes[:-n_val], episodes[-n_val:]) if n_val > 0 else (episodes, episodes)
     x = torch.cat([rgbd_image(e["rgb"], e["depth"]) for e in train_eps])
     y = torch.from_numpy(np.concatenate([e["target"] for e in train_eps]))
     counts = torch.bincount(y.flatten(), minlength=model_cfg.n_classes).float()
@@ -369,7 +370,7 @@ def train_segmenter(paths: Sequence[str], out: str | Path, cfg: SegmenterTrainCo
     model.eval()
     metrics, offsets = _validate(model, val_eps)
     stats = {"classes": list(SEG_CLASSES), "centre_offsets": offsets, "class_weight": weight.tolist()}
-    metrics.update(train_frames=len(x), val_episodes=len(val_eps), steps=cfg.steps, final_loss=float(loss.detach()))
+    metrics.update(train_frames=len(x), val_episodes=n_val, steps=cfg.steps, final_loss=float(loss.detach()))
     config = {"model": asdict(model_cfg), "train": asdict(cfg), "data": [str(p) for p in paths]}
     return save_checkpoint(out, model, config, stats, metrics)
 
