@@ -27,8 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from policies.observation import rgbd_image
-from sim.env import (BOX_NAMES, DISTRACTOR_NAMES, FIRST_OBJECT_SEG_ID, FORMATIONS, GOAL_SEG_ID, MARKER_NAMES,
-                     PUSHER_OFFSET)
+from sim.env import (
+    BOX_NAMES,
+    DISTRACTOR_NAMES,
+    FIRST_OBJECT_SEG_ID,
+    FORMATIONS,
+    GOAL_SEG_ID,
+    MARKER_NAMES,
+    PUSHER_OFFSET,
+)
 from sim.geometry import planar_pose_matrix, rot_z, unproject_depth
 
 SEG_CLASSES = ("background", *BOX_NAMES, *DISTRACTOR_NAMES, "goal_marker")
@@ -253,7 +260,7 @@ class SceneMemory:
         total = score[cells[..., 0], cells[..., 1]].sum(-1)
         best = int(np.argmax(total))
         if self.anchor_yaw is not None:
-            now = int(round(math.degrees(self.anchor_yaw) / self.cfg.yaw_step_deg)) % len(yaws)
+            now = round(math.degrees(self.anchor_yaw) / self.cfg.yaw_step_deg) % len(yaws)
             turn = abs((best - now + len(yaws) / 2) % len(yaws) - len(yaws) / 2) * self.cfg.yaw_step_deg
             if turn > 10.0 and total[best] - total[now] < self.cfg.yaw_switch_margin:
                 return
@@ -289,7 +296,7 @@ def _touches_border(mask: np.ndarray) -> bool:
 
 def _blur(grid: np.ndarray, sigma: float) -> np.ndarray:
     """A separable Gaussian blur of a 2D grid (sigma in cells), zero beyond the edges."""
-    r = int(math.ceil(3 * sigma))
+    r = math.ceil(3 * sigma)
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k /= k.sum()
     rows = np.apply_along_axis(np.convolve, 0, grid, k, mode="same")

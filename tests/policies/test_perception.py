@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from policies.perception import (GOAL_CLASS, SEG_CLASSES, SceneMemory, SceneSegmenter, SegmenterTrainConfig,
-                                 camera_robot_pose, class_targets, load_segmenter, train_segmenter)
+from policies.perception import (
+    GOAL_CLASS,
+    SEG_CLASSES,
+    SceneMemory,
+    SceneSegmenter,
+    SegmenterTrainConfig,
+    camera_robot_pose,
+    class_targets,
+    load_segmenter,
+    train_segmenter,
+)
 from sim.collect import collect
 from sim.env import FIRST_OBJECT_SEG_ID, GOAL_SEG_ID, EgoPushEnv
 from sim.experts import PushExpert
