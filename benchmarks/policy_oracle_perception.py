@@ -168,7 +168,7 @@ class OracleController:
     """The trained oracle-token policy as a `sim` Controller (reads `info`: privileged)."""
 
     def __init__(self, checkpoint: str, seed: int = 0, threads: int = 1, n_action: int | None = None,
-                 plan: bool = False, perception: str | None = None) -> None:
+                 plan: bool = False, perception: str | None = None, perceive: str = "both") -> None:
         import torch
 
         from policies.train import load_policy
@@ -176,6 +176,9 @@ class OracleController:
         torch.set_num_threads(threads)
         self.policy, _ = load_policy(checkpoint)
         self.segmenter = None
+        if perceive not in ("both", "tokens", "plan"):
+            raise ValueError(f"perceive must be 'both', 'tokens' or 'plan'; got {perceive!r}")
+        self.perceive = perceive  # a diagnostic: which of the two reads perception (the other reads `info`)
         if perception:  # deployable: the tokens and the plan from segmented RGB-D, not from `info`
             from policies.perception import load_segmenter
 
@@ -207,10 +210,14 @@ class OracleController:
 
         from policies.observation import robot_state
 
+        keys = ("robot_pose", "object_poses", "goal", "visible", "goal_visible")
+        seen = plan_seen = tuple(info[k] for k in keys)
         if self.scene is not None:
-            info = self.scene(obs)
-        seen = (info["robot_pose"], info["object_poses"], info["goal"], info["visible"], info["goal_visible"])
-        task = self.watcher(*seen)[0] if self.watcher is not None else None
+            perceived = self.scene(obs)
+            perceived = tuple(perceived[k] for k in keys)
+            seen = perceived if self.perceive in ("both", "tokens") else seen
+            plan_seen = perceived if self.perceive in ("both", "plan") else plan_seen
+        task = self.watcher(*plan_seen)[0] if self.watcher is not None else None
         tok = self.memory(*seen, task=task)
         state = robot_state(torch.as_tensor(obs["proprio"])[None], torch.as_tensor(obs["cam_pose"]).float()[None],
                             self.start[None])[0]
@@ -244,6 +251,8 @@ def main() -> None:
     parser.add_argument("--perception", default=None,
                         help="a trained scene segmenter (benchmarks/scene_perception.py): build the tokens and the "
                              "plan from egocentric RGB-D through it instead of from privileged state (deployable)")
+    parser.add_argument("--perceive", default="both", choices=("both", "tokens", "plan"),
+                        help="with --perception, a diagnostic: only the tokens or only the plan from perception")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
 
@@ -273,11 +282,12 @@ def main() -> None:
               # the one change: privileged (or segmented) object tokens instead of the slots
               demos=load_oracle_demos(demos, args.plan, args.perception, progress=not args.quick))
     r = evaluate({"_target_": "policy_oracle_perception.OracleController", "checkpoint": out,
-                  "n_action": args.n_action, "plan": args.plan, "perception": args.perception}, task=args.task,
+                  "n_action": args.n_action, "plan": args.plan, "perception": args.perception,
+                  "perceive": args.perceive}, task=args.task,
                  level=args.level, episodes=episodes, seed=1000, workers=args.workers, progress=not args.quick)
     emit(BENCH, "success_rate", r["success_rate"], "fraction", task=args.task, level=args.level,
          policy=("segmenter-tokens" if args.perception else "oracle-tokens") + ("+plan" if args.plan else ""),
-         perception=args.perception, episodes=episodes,
+         perception=args.perception, perceive=args.perceive if args.perception else None, episodes=episodes,
          ci95=[round(r["ci95_low"], 3), round(r["ci95_high"], 3)],
          n_action=args.n_action, mean_length=round(r["mean_length"], 1), failures=r["failures"],
          goals_reached=r["goals_reached"], checkpoint=out,
