@@ -40,6 +40,7 @@ from sim.geometry import planar_pose_matrix, rot_z, unproject_depth
 
 SEG_CLASSES = ("background", *BOX_NAMES, *DISTRACTOR_NAMES, "goal_marker")
 GOAL_CLASS = len(SEG_CLASSES) - 1
+BOX_HALF = {"box_anchor": 0.06, "box_red": 0.05, "box_green": 0.05, "box_blue": 0.05}  # m (sim/assets/egopush.xml)
 HEAD_CAMERA_X = 0.032  # m, the head camera ahead of the wheel axle (sim/assets/robot.xml)
 MARKER_RADIUS = 0.07  # m, a goal marker disc (sim/assets/egopush.xml)
 # where an object against the pusher plate sits in the robot's frame: x from, x to, |y| below (m)
@@ -132,6 +133,7 @@ class MemoryConfig:
     # an object the frame's edge cuts keeps its remembered centre while its part's median is within this and
     # the class's centre offset of it
     cut_tolerance_m: float = 0.04
+    fit_boxes: bool = True  # place a box by fitting its square footprint to its points (else: median + offset)
     yaw_step_deg: float = 1.0  # the formation fit's grid over the anchor's heading
     # a new heading more than 10 degrees from the current one must explain the floor better by this much
     # (the scores are in slots' worth of evidence, -3 to 3): a tie between two headings, one slot unseen, flips nothing
@@ -158,6 +160,8 @@ class SceneMemory:
         self.classes = [SEG_CLASSES.index(n) for n in object_names]
         offsets = stats.get("centre_offsets", {})
         self.offsets = np.array([float(offsets.get(n, 0.0)) for n in object_names])
+        self.box_half = np.array([BOX_HALF.get(n, 0.0) for n in object_names])
+        self.rng = np.random.default_rng(0)  # subsamples a near object's many pixels for the footprint fit
         self.template = FORMATIONS[formation] if formation else None
         self.n_goals = len(self.template) if formation else n_goals
         self.reset()
@@ -193,23 +197,30 @@ class SceneMemory:
             mask = (labels == c) & valid
             if mask.sum() < self.cfg.min_pixels:
                 continue
-            xy = np.median(points[mask][:, :2], axis=0)
-            if self.ever_seen[i] and _touches_border(mask):
-                # the frame cuts the object: its visible part's median is off its centre by up to a half
-                # size. Keep the remembered centre while the part fits it; follow the part when it has moved
-                # one that was in front of the pusher may have been pushed along: then it moved with the robot
+            part = points[mask]
+            xy = np.median(part[:, :2], axis=0)
+            cut = self.ever_seen[i] and _cut_by_frame(mask)
+            if cut:
+                # the frame cuts the object: its visible part's median is off its centre by up to a half size.
+                # Start from the remembered centre, or, for one that was against the pusher, from where it
+                # would be had it been pushed along, whichever the part is nearer
                 local = self.prev_robot_inv @ np.array([*self.poses[i, :2], 0.0, 1.0])
                 carried = (robot @ local)[:2]
                 if (PUSH_ZONE[0] < local[0] < PUSH_ZONE[1] and abs(local[1]) < PUSH_ZONE[2]
                         and np.linalg.norm(xy - carried) < np.linalg.norm(xy - self.poses[i, :2])):
                     self.poses[i, :2] = carried
-                d, tolerance = xy - self.poses[i, :2], self.cfg.cut_tolerance_m + self.offsets[i]
-                gap = float(np.linalg.norm(d))
-                if gap > tolerance:
-                    self.poses[i, :2] += d * (1.0 - tolerance / gap)
+                guess = self.poses[i, :2].copy()
             else:
                 ray = xy - eye
-                self.poses[i, :2] = xy + self.offsets[i] * ray / max(float(np.linalg.norm(ray)), 1e-6)
+                guess = xy + self.offsets[i] * ray / max(float(np.linalg.norm(ray)), 1e-6)
+            if self.box_half[i] > 0 and self.cfg.fit_boxes:
+                self.poses[i, :2] = fit_square(part, self.box_half[i], guess, self.rng)
+            elif cut:  # keep the remembered centre while the part fits it; follow the part when it has moved
+                d, tolerance = xy - guess, self.cfg.cut_tolerance_m + self.offsets[i]
+                gap = float(np.linalg.norm(d))
+                self.poses[i, :2] = guess + (d * (1.0 - tolerance / gap) if gap > tolerance else 0.0)
+            else:
+                self.poses[i, :2] = guess
             visible[i] = True
         goal_visible = np.zeros(self.n_goals, bool)
         if self.template is None:  # one goal disc: where its pixels are
@@ -290,8 +301,36 @@ def _project(world: np.ndarray, intr: np.ndarray, cam: np.ndarray,
     return uv, np.linalg.norm(local, axis=-1), ok
 
 
-def _touches_border(mask: np.ndarray) -> bool:
-    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+def fit_square(points: np.ndarray, half: float, guess: np.ndarray, rng: np.random.Generator,
+               max_points: int = 150) -> np.ndarray:
+    """The centre (2,) of the square footprint (half-size `half`, any heading) that best explains a box's
+    world points (N, 3): a point on a side face lies on the square's edge, a point on the top face inside
+    it. Searched coarse to fine around `guess`, which also breaks ties (a face seen without its ends fixes
+    the centre across the face, not along it)."""
+    if len(points) > max_points:
+        points = points[rng.choice(len(points), max_points, replace=False)]
+    xy, top = points[:, :2], points[:, 2] > 2 * half - 0.01
+    best, best_yaw = np.asarray(guess, float), 0.0
+    for span, step, yaw_span, yaw_step in ((0.06, 0.02, 45.0, 10.0), (0.01, 0.005, 5.0, 2.5)):
+        offs = np.arange(-span, span + 1e-9, step)
+        centres = best + np.stack(np.meshgrid(offs, offs), -1).reshape(-1, 2)  # (C, 2)
+        yaws = np.deg2rad(best_yaw + np.arange(-yaw_span, yaw_span + 1e-9, yaw_step))  # (Y,)
+        d = xy[None] - centres[:, None]  # (C, N, 2)
+        c, s = np.cos(yaws)[:, None, None], np.sin(yaws)[:, None, None]
+        u = c * d[None, ..., 0] + s * d[None, ..., 1]  # (Y, C, N)
+        v = -s * d[None, ..., 0] + c * d[None, ..., 1]
+        m = np.maximum(np.abs(u), np.abs(v)) - half
+        r = np.where(top, np.maximum(m, 0.0), np.abs(m))
+        cost = (r ** 2).mean(-1) + 0.01 * ((centres - guess) ** 2).sum(-1)  # (Y, C)
+        y, k = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        best, best_yaw = centres[k], float(np.rad2deg(yaws[y]))
+    return best
+
+
+def _cut_by_frame(mask: np.ndarray) -> bool:
+    """Whether the frame's top or sides cut the object. A cut by the bottom edge does not count: it takes
+    the lower rows of the faces in view, whose points lie above the same floor footprint as the rows kept."""
+    return bool(mask[0].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
 def _blur(grid: np.ndarray, sigma: float) -> np.ndarray:
