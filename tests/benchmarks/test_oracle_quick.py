@@ -28,16 +28,14 @@ def test_policy_oracle_perception_quick_reports_a_success_rate():
 def test_the_expert_plan_replays_formation_demonstrations_exactly(tmp_path):
     """--plan: the expert watched over a recorded noisy-expert Formation episode reproduces its recorded
     labels, so the plan column it writes is the plan the demonstrator followed; a box and a slot are marked."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import policy_oracle_perception as oracle
-
+    from policies.task_tokens import token_demos
     from sim.collect import collect
 
     path = str(tmp_path / "formation.zarr")
     collect(out=path, task="formation", level="easy", policy="noisy_expert", episodes=1, max_steps=150, workers=0,
             progress=False)
-    plain = oracle.load_oracle_demos([path])
-    planned = oracle.load_oracle_demos([path], plan=True)  # raises if the replay disagrees with a label
+    plain = token_demos([path])
+    planned = token_demos([path], plan=True)  # raises if the replay disagrees with a label
     assert planned.tokens.shape[:-1] == plain.tokens.shape[:-1]
     assert planned.tokens.shape[-1] == plain.tokens.shape[-1] + 1
     np.testing.assert_array_equal(planned.tokens[..., :-1], plain.tokens)

@@ -29,10 +29,8 @@ def test_scene_perception_quick_reports_every_figure():
 def test_token_demonstrations_through_a_segmenter(tmp_path):
     """Tokens built from segmented RGB-D have the privileged tokens' layout, and the plan column (the
     demonstrator's own plan) is the same either way."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import policy_oracle_perception as oracle
-
     from policies.perception import SegmenterTrainConfig, train_segmenter
+    from policies.task_tokens import token_demos
     from sim.collect import collect
 
     path = str(tmp_path / "formation.zarr")
@@ -40,8 +38,8 @@ def test_token_demonstrations_through_a_segmenter(tmp_path):
             progress=False, segmentation=True)
     seg = train_segmenter([path], tmp_path / "seg", SegmenterTrainConfig(steps=2, batch_size=2, val_fraction=0.0),
                           progress=False)
-    privileged = oracle.load_oracle_demos([path], plan=True, progress=False)
-    perceived = oracle.load_oracle_demos([path], plan=True, perception=str(seg), progress=False)
+    privileged = token_demos([path], plan=True, progress=False)
+    perceived = token_demos([path], plan=True, perception=str(seg), progress=False)
     assert perceived.tokens.shape == privileged.tokens.shape
     assert (perceived.tokens[..., -1] == privileged.tokens[..., -1]).all()
     assert (perceived.action == privileged.action).all()
