@@ -135,6 +135,7 @@ class MemoryConfig:
     cut_tolerance_m: float = 0.04
     fit_boxes: bool = True  # place a box by fitting its square footprint to its points (else: median + offset)
     yaw_step_deg: float = 1.0  # the formation fit's grid over the anchor's heading
+    evidence_decay: float = 0.97  # per frame with the anchor in view: the floor evidence's half-life is 23 frames
     # a new heading more than 10 degrees from the current one must explain the floor better by this much
     # (the scores are in slots' worth of evidence, -3 to 3): a tie between two headings, one slot unseen, flips nothing
     yaw_switch_margin: float = 0.5
@@ -253,6 +254,7 @@ class SceneMemory:
         if self.anchor_ref is None or np.linalg.norm(anchor - self.anchor_ref) > 0.1:
             self.evidence[:] = 0.0  # the anchor was moved: what was seen around it no longer holds
             self.anchor_ref = anchor.copy()
+        self.evidence *= self.cfg.evidence_decay  # a bumped anchor turns: what was seen long ago counts less
         floor = valid & (np.abs(points[..., 2]) < 0.02)
         for channel, mask in ((0, floor & (labels == GOAL_CLASS)), (1, floor & (labels == 0))):
             cells = np.floor((points[mask][:, :2] - anchor) / GRID_CELL).astype(np.int64) + GRID_HALF
