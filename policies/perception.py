@@ -45,8 +45,9 @@ HEAD_CAMERA_X = 0.032  # m, the head camera ahead of the wheel axle (sim/assets/
 MARKER_RADIUS = 0.07  # m, a goal marker disc (sim/assets/egopush.xml)
 # where an object against the pusher plate sits in the robot's frame: x from, x to, |y| below (m)
 PUSH_ZONE = (PUSHER_OFFSET, PUSHER_OFFSET + 0.16, 0.12)
-GRID_CELL, GRID_HALF = 0.02, 45  # the formation evidence grid: 2 cm cells, 0.9 m around the anchor each way
+GRID_CELL, GRID_HALF = 0.01, 90  # the formation evidence grid: 1 cm cells, 0.9 m around the anchor each way
 SLOT_SIGMA = 0.035  # m: how far from a slot's centre the evidence still counts for it (Gaussian)
+SLOT_REFINE_M = 0.03  # m: how far from the template's place a slot's marker may be found
 
 
 def class_targets(segmentation: np.ndarray, object_names: Sequence[str]) -> np.ndarray:
@@ -236,7 +237,7 @@ class SceneMemory:
                 visible[0] = False  # an anchor without its slots tells a controller nothing yet
             else:
                 self.poses[0, 2] = self.anchor_yaw
-                self.goals = self.poses[0, :2] + self.template @ rot_z(self.anchor_yaw)[:2, :2].T
+                self.goals = self.poses[0, :2] + self.slot_offsets
                 goal_visible = self._in_plain_view(self.goals, depth, intr, cam)
         self.ever_seen |= visible
         self.prev_robot_inv = np.linalg.inv(robot)
@@ -276,8 +277,26 @@ class SceneMemory:
             now = round(math.degrees(self.anchor_yaw) / self.cfg.yaw_step_deg) % len(yaws)
             turn = abs((best - now + len(yaws) / 2) % len(yaws) - len(yaws) / 2) * self.cfg.yaw_step_deg
             if turn > 10.0 and total[best] - total[now] < self.cfg.yaw_switch_margin:
-                return
+                best = now
         self.anchor_yaw = float(yaws[best])
+        self._refine_slots(score)
+
+    def _refine_slots(self, score: np.ndarray) -> None:
+        """Each slot where the marker evidence peaks near the template's place for it: the heading grid's
+        step is 1.1 cm at the line's far slot, and each marker is where it was drawn, not where the
+        template says."""
+        offsets = self.template @ rot_z(self.anchor_yaw)[:2, :2].T
+        r = round(SLOT_REFINE_M / GRID_CELL)
+        for k, rel in enumerate(offsets):
+            c = np.floor(rel / GRID_CELL).astype(np.int64) + GRID_HALF
+            lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, 2 * GRID_HALF)
+            window = np.maximum(score[lo[0]:hi[0], lo[1]:hi[1]], 0.0)
+            if window.max() < 0.2:  # too little of this marker seen: the template's place
+                continue
+            ii, jj = np.meshgrid(np.arange(lo[0], hi[0]), np.arange(lo[1], hi[1]), indexing="ij")
+            w = window / window.sum()
+            offsets[k] = (np.array([(ii * w).sum(), (jj * w).sum()]) - GRID_HALF + 0.5) * GRID_CELL
+        self.slot_offsets = offsets
 
     def _in_plain_view(self, goals: np.ndarray, depth: np.ndarray, intr: np.ndarray, cam: np.ndarray) -> np.ndarray:
         uv, rng, ok = _project(np.concatenate([goals, np.zeros((len(goals), 1))], -1), intr, cam, depth.shape)
