@@ -26,6 +26,7 @@ from sim.evaluate import evaluate
 from worldmodel.checkpoint import write_json
 
 CONTROLLER = "policies.controller.DiffusionPolicyController"
+TOKEN_CONTROLLER = "policies.task_tokens.TokenPolicyController"
 
 
 @dataclass
@@ -33,7 +34,7 @@ class EvalConfig:
     """Options of `ego-eval` (defaults mirrored in policies/conf/eval.yaml)."""
 
     checkpoint: str = ""  # a policy directory (ego-train-policy's out)
-    controller: str = "policy"  # policy | expert
+    controller: str = "policy"  # policy | expert | tokens (a `policies.task_tokens` policy)
     task: str = "single"
     level: str = "easy"
     episodes: int = 100
@@ -48,6 +49,8 @@ class EvalConfig:
     coherence: int = 0  # sample this many chunks, execute the one that best continues the current chunk
     coherence_decay: float = 0.9  # with coherence: the weight of each further step of agreement
     forget_steps: int | None = None  # the object tracker's memory (SlotMemory); None = as the policy was trained
+    perception: str = ""  # controller=tokens: a scene segmenter (policies.perception); "" reads privileged state
+    plan: bool = False  # controller=tokens: the policy was trained with the expert's task column
     videos: str = "failures"  # failures | all | none
     max_steps: int | None = None
     out: str = ""  # default: <checkpoint>/eval_<task>_<level> (or runs/eval/expert_<task>_<level>)
@@ -63,6 +66,10 @@ def controller_target(cfg: EvalConfig) -> dict[str, Any]:
         return {"_target_": "sim.experts.PushExpert"}
     if not cfg.checkpoint or not (Path(cfg.checkpoint) / "model.safetensors").exists():
         raise ValueError(f"checkpoint={cfg.checkpoint!r} is not a policy directory; train one with ego-train-policy")
+    if cfg.controller == "tokens":
+        target = {"_target_": TOKEN_CONTROLLER, "checkpoint": cfg.checkpoint, "plan": cfg.plan,
+                  "perception": cfg.perception or None}
+        return target | ({"n_action": cfg.n_action} if cfg.n_action else {})
     target = {"_target_": CONTROLLER, "checkpoint": cfg.checkpoint, "task": cfg.task}
     if cfg.sampler:
         target["sampler"] = cfg.sampler
@@ -86,12 +93,12 @@ def run(config: EvalConfig | DictConfig | dict | None = None, **overrides: Any) 
     cfg: EvalConfig = to_config(config, EvalConfig, overrides)
     check_choice("task", cfg.task, TASKS)
     check_choice("level", cfg.level, LEVELS)
-    check_choice("controller", cfg.controller, ("policy", "expert"))
+    check_choice("controller", cfg.controller, ("policy", "expert", "tokens"))
     check_choice("videos", cfg.videos, ("failures", "all", "none"))
     target = controller_target(cfg)
     if cfg.out:
         out = Path(cfg.out)
-    elif cfg.controller == "policy":
+    elif cfg.controller in ("policy", "tokens"):
         out = Path(cfg.checkpoint) / f"eval_{cfg.task}_{cfg.level}"
     else:
         out = Path("runs/eval") / f"expert_{cfg.task}_{cfg.level}"

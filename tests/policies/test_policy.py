@@ -430,6 +430,20 @@ def test_ego_eval_passes_n_action_to_the_controller(slots_policy):
     assert instantiate(controller_target(EvalConfig(checkpoint=str(slots_policy), forget_steps=300))).forget_steps == 300
 
 
+def test_ego_eval_builds_the_token_controller(slots_policy, tmp_path):
+    from hydra.utils import instantiate
+
+    from policies.evaluate import EvalConfig, controller_target
+    from policies.task_tokens import TokenPolicyController
+
+    target = controller_target(EvalConfig(controller="tokens", checkpoint=str(slots_policy), n_action=2, plan=True))
+    assert target["perception"] is None and target["plan"] is True
+    controller = instantiate(target)
+    assert isinstance(controller, TokenPolicyController) and controller.n_action == 2 and controller.plan
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TokenPolicyController(str(slots_policy), perception=str(tmp_path / "no_segmenter"))
+
+
 def test_same_noise_draws_every_chunk_of_an_episode_from_one_noise(slots_policy):
     from policies.evaluate import EvalConfig, controller_target
 
