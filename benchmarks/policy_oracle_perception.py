@@ -21,6 +21,12 @@ reproduces at least 90% of each episode's recorded labels; the states are stored
 evaluation a noise-free copy of the expert watches the episode and its plan is read at every step.
 It asks whether the policy can execute a task's pushes once told which push is due, apart from
 choosing them.
+
+`--perception DIR` (a segmenter from `benchmarks/scene_perception.py`) builds the tokens and the plan from
+egocentric RGB-D through `policies.perception.SceneMemory` instead of privileged state, in training and in
+evaluation (`policy` = `segmenter-tokens+plan`): the deployable controller. `--checkpoint DIR` evaluates a
+trained token policy without training one; `--perceive tokens|plan` (a diagnostic) perceives only one half.
+The policy and its controller live in `policies.task_tokens`.
 """
 
 from __future__ import annotations
