@@ -47,8 +47,7 @@ class PerceivedExpert:
     def reset(self, obs: dict, info: dict) -> None:
         from policies.perception import SceneMemory
 
-        self.scene = SceneMemory(self.segmenter, self.stats, info["object_names"], info.get("formation"),
-                                 n_goals=len(info["goal"]))
+        self.scene = SceneMemory.for_episode(self.segmenter, self.stats, info)
         self.expert.reset(obs, self._info(obs, info))
 
     def act(self, obs: dict, info: dict | None = None) -> np.ndarray:
@@ -70,7 +69,7 @@ def measure_tracking(segmenter: str, task: str, level: str, episodes: int, max_s
         obs, info = env.reset(seed=1000 + e)
         expert = PushExpert()
         expert.reset(obs, info)
-        scene = SceneMemory(model, stats, info["object_names"], info.get("formation"), n_goals=len(info["goal"]))
+        scene = SceneMemory.for_episode(model, stats, info)
         done = False
         while not done:
             est = scene(obs)

@@ -145,7 +145,8 @@ class MemoryConfig:
 class SceneMemory:
     """Per-episode world-frame memory of the task's objects and goals, from segmented RGB-D frames.
 
-    An object's position is the median of its pixels' world points pushed away from the camera by its
+    A box's position is the centre of the square footprint that best fits its pixels' world points
+    (`fit_square`); any other object's is the median of its points pushed away from the camera by its
     class's `centre_offsets` (the visible faces are nearer than the centre; calibrated on held-out frames
     at training time). Objects get no heading, except the formation's anchor, whose heading is fitted
     with its slots; the anchor counts as seen only once its slots are placed, so that a controller
@@ -167,6 +168,12 @@ class SceneMemory:
         self.template = FORMATIONS[formation] if formation else None
         self.n_goals = len(self.template) if formation else n_goals
         self.reset()
+
+    @classmethod
+    def for_episode(cls, segmenter: SceneSegmenter, stats: dict[str, Any], info: dict[str, Any]) -> SceneMemory:
+        """A memory for the episode an env's reset `info` starts: its objects and formation are the task's
+        definition, not its state."""
+        return cls(segmenter, stats, info["object_names"], info.get("formation"), n_goals=len(info["goal"]))
 
     def reset(self) -> None:
         n = len(self.classes)
@@ -238,7 +245,7 @@ class SceneMemory:
             else:
                 self.poses[0, 2] = self.anchor_yaw
                 self.goals = self.poses[0, :2] + self.slot_offsets
-                goal_visible = self._in_plain_view(self.goals, depth, intr, cam)
+                goal_visible = self._in_plain_view(self.goals, points, valid, intr, cam)
         self.ever_seen |= visible
         self.prev_robot_inv = np.linalg.inv(robot)
         return {"robot_pose": robot_pose, "object_poses": self.poses.copy(), "goal": self.goals.copy(),
@@ -298,12 +305,15 @@ class SceneMemory:
             offsets[k] = (np.array([(ii * w).sum(), (jj * w).sum()]) - GRID_HALF + 0.5) * GRID_CELL
         self.slot_offsets = offsets
 
-    def _in_plain_view(self, goals: np.ndarray, depth: np.ndarray, intr: np.ndarray, cam: np.ndarray) -> np.ndarray:
-        uv, rng, ok = _project(np.concatenate([goals, np.zeros((len(goals), 1))], -1), intr, cam, depth.shape)
+    @staticmethod
+    def _in_plain_view(goals: np.ndarray, points: np.ndarray, valid: np.ndarray, intr: np.ndarray,
+                       cam: np.ndarray) -> np.ndarray:
+        """Whether each goal on the floor projects into the frame with nothing nearer in front of it; `points`
+        (H, W, 3) and `valid` are the frame's world points, as `__call__` unprojected them."""
+        uv, rng, ok = _project(np.concatenate([goals, np.zeros((len(goals), 1))], -1), intr, cam, valid.shape)
         out = np.zeros(len(goals), bool)
         if ok.any():
-            pts = unproject_depth(depth, intr, cam)
-            dist = np.where(np.isfinite(pts[..., 0]), np.linalg.norm(pts - cam[:3, 3], axis=-1), np.inf)
+            dist = np.where(valid, np.linalg.norm(points - cam[:3, 3], axis=-1), np.inf)
             out[ok] = dist[uv[ok, 1], uv[ok, 0]] > rng[ok] - 0.05
         return out
 
@@ -450,8 +460,7 @@ def _validate(model: SceneSegmenter, episodes: list[dict[str, Any]]) -> tuple[di
     union = np.zeros(len(SEG_CLASSES))
     residual: dict[str, list[float]] = {}
     for ep in episodes:
-        pred = torch.cat([model(rgbd_image(ep["rgb"][i:i + 64], ep["depth"][i:i + 64])).argmax(1)
-                          for i in range(0, len(ep["rgb"]), 64)]).numpy()
+        pred = model.labels(ep["rgb"], ep["depth"])
         for c in range(len(SEG_CLASSES)):
             inter[c] += ((pred == c) & (ep["target"] == c)).sum()
             union[c] += ((pred == c) | (ep["target"] == c)).sum()

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 NEVER_SEEN = 1000.0
+# the fields of the env's `info` (or of `SceneMemory`'s estimate) that the tokens and the expert's plan read
+SCENE_KEYS = ("robot_pose", "object_poses", "goal", "visible", "goal_visible")
 
 
 class ObjectTokens:
@@ -98,7 +100,7 @@ def token_demos(paths: list[str], plan: bool = False, perception: str | None = N
     from policies.observation import robot_state
     from sim.dataset import EpisodeDataset
 
-    keys = ["proprio", "cam_pose", "action", "robot_pose", "object_poses", "goal", "visible", "goal_visible"]
+    keys = ["proprio", "cam_pose", "action", *SCENE_KEYS]
     if perception:
         from policies.perception import SceneMemory, load_segmenter
         from sim.env import task_objects
@@ -109,11 +111,12 @@ def token_demos(paths: list[str], plan: bool = False, perception: str | None = N
     for p in paths:
         ds = EpisodeDataset.open(p)
         env_cfg = ds.meta.get("env_config", {})
+        if perception:
+            names = task_objects(env_cfg.get("task", "single"), int(env_cfg.get("n_distractors", 2)))
         for e in tqdm(range(ds.n_episodes), desc=f"tokens {Path(p).name}", disable=not progress):
             ep = ds.episode(e, keys)
             scene = None
             if perception:
-                names = task_objects(env_cfg.get("task", "single"), int(env_cfg.get("n_distractors", 2)))
                 scene = SceneMemory(segmenter, seg_stats, names, ds.episode_info(e).get("formation") or None,
                                     n_goals=ep["goal"].shape[1])
                 labels = segmenter.labels(ep["rgb"], ep["depth"])
@@ -124,7 +127,7 @@ def token_demos(paths: list[str], plan: bool = False, perception: str | None = N
             watcher = ExpertPlan(ds.episode_info(e).get("formation", "")) if plan else None
             frames, agree = [], 0
             for t in range(len(ep["action"])):
-                seen = tuple(ep[k][t] for k in ("robot_pose", "object_poses", "goal", "visible", "goal_visible"))
+                seen = tuple(ep[k][t] for k in SCENE_KEYS)
                 task = None
                 if watcher is not None:
                     task, label = watcher(*seen)
@@ -132,7 +135,7 @@ def token_demos(paths: list[str], plan: bool = False, perception: str | None = N
                 if scene is not None:
                     obs = {k: ep[k][t] for k in ("rgb", "depth", "intrinsics", "cam_pose")}
                     est = scene(obs, labels[t])
-                    seen = tuple(est[k] for k in ("robot_pose", "object_poses", "goal", "visible", "goal_visible"))
+                    seen = tuple(est[k] for k in SCENE_KEYS)
                 frames.append(memory(*seen, task=task))
             # the states are stored as float32 and the expert decided on float64: a threshold crossed by a rounding
             # error changes a few labels (at most 3% of an episode's in 185 Formation-easy demonstrations, 7.5% in
@@ -187,9 +190,7 @@ class TokenPolicyController:
         if self.segmenter is not None:
             from policies.perception import SceneMemory
 
-            # the task's definition (which objects, which formation), not its state
-            self.scene = SceneMemory(self.segmenter, self.seg_stats, info["object_names"], info.get("formation"),
-                                     n_goals=len(info["goal"]))
+            self.scene = SceneMemory.for_episode(self.segmenter, self.seg_stats, info)
         self.start = torch.as_tensor(obs["cam_pose"]).float()
         self.gen.manual_seed(self.seed + int(np.asarray(obs["rgb"], np.int64).sum()))
 
@@ -198,11 +199,10 @@ class TokenPolicyController:
 
         from policies.observation import robot_state
 
-        keys = ("robot_pose", "object_poses", "goal", "visible", "goal_visible")
-        seen = plan_seen = tuple(info[k] for k in keys)
+        seen = plan_seen = tuple(info[k] for k in SCENE_KEYS)
         if self.scene is not None:
             perceived = self.scene(obs)
-            perceived = tuple(perceived[k] for k in keys)
+            perceived = tuple(perceived[k] for k in SCENE_KEYS)
             seen = perceived if self.perceive in ("both", "tokens") else seen
             plan_seen = perceived if self.perceive in ("both", "plan") else plan_seen
         task = self.watcher(*plan_seen)[0] if self.watcher is not None else None
