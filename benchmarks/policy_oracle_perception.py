@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8000, help="DDPM steps (as the pipeline's policy)")
     parser.add_argument("--distill-steps", type=int, default=600)
     parser.add_argument("--budget-min", type=float, default=12.0, help="per phase (the pipeline's diffusion phase)")
-    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--episodes", type=int, default=100, help="0: train only")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n-action", type=int, default=None,
                         help="actions executed per chunk before re-planning (default: the trained 8)")
@@ -63,6 +63,9 @@ def main() -> None:
                              "plan from egocentric RGB-D through it instead of from privileged state (deployable)")
     parser.add_argument("--perceive", default="both", choices=("both", "tokens", "plan"),
                         help="with --perception, a diagnostic: only the tokens or only the plan from perception")
+    parser.add_argument("--sampler", default=None, choices=("ddim", "consistency"),
+                        help="the sampler at evaluation (default: the checkpoint's, the 1-step consistency student)")
+    parser.add_argument("--sampler-steps", type=int, default=None, help="its steps (default: the checkpoint's)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
 
@@ -91,15 +94,18 @@ def main() -> None:
                "train": {"steps": steps, "distill_steps": distill, "time_budget_min": args.budget_min}},
               # the one change: privileged (or segmented) object tokens instead of the slots
               demos=token_demos(demos, args.plan, args.perception, progress=not args.quick))
+    if episodes == 0:
+        return  # trained only
     r = evaluate({"_target_": "policies.task_tokens.TokenPolicyController", "checkpoint": out,
                   "n_action": args.n_action, "plan": args.plan, "perception": args.perception,
-                  "perceive": args.perceive}, task=args.task,
+                  "perceive": args.perceive, "sampler": args.sampler, "steps": args.sampler_steps}, task=args.task,
                  level=args.level, episodes=episodes, seed=1000, workers=args.workers, progress=not args.quick)
     emit(BENCH, "success_rate", r["success_rate"], "fraction", task=args.task, level=args.level,
          policy=("segmenter-tokens" if args.perception else "oracle-tokens") + ("+plan" if args.plan else ""),
          perception=args.perception, perceive=args.perceive if args.perception else None, episodes=episodes,
          ci95=[round(r["ci95_low"], 3), round(r["ci95_high"], 3)],
-         n_action=args.n_action, mean_length=round(r["mean_length"], 1), failures=r["failures"],
+         n_action=args.n_action, sampler=args.sampler, sampler_steps=args.sampler_steps,
+         mean_length=round(r["mean_length"], 1), failures=r["failures"],
          goals_reached=r["goals_reached"], checkpoint=out,
          demos=demos, **machine())
 

@@ -69,7 +69,8 @@ def controller_target(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.controller == "tokens":
         target = {"_target_": TOKEN_CONTROLLER, "checkpoint": cfg.checkpoint, "plan": cfg.plan,
                   "perception": cfg.perception or None}
-        return target | ({"n_action": cfg.n_action} if cfg.n_action else {})
+        return target | {k: v for k, v in (("n_action", cfg.n_action), ("sampler", cfg.sampler), ("steps", cfg.steps))
+                         if v}
     target = {"_target_": CONTROLLER, "checkpoint": cfg.checkpoint, "task": cfg.task}
     if cfg.sampler:
         target["sampler"] = cfg.sampler

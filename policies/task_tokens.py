@@ -159,7 +159,8 @@ class TokenPolicyController:
     two-level controller for Formation."""
 
     def __init__(self, checkpoint: str, seed: int = 0, threads: int = 1, n_action: int | None = None,
-                 plan: bool = False, perception: str | None = None, perceive: str = "both") -> None:
+                 plan: bool = False, perception: str | None = None, perceive: str = "both",
+                 sampler: str | None = None, steps: int | None = None) -> None:
         import torch
 
         from policies.train import load_policy
@@ -175,6 +176,7 @@ class TokenPolicyController:
 
             self.segmenter, self.seg_stats = load_segmenter(perception)
         self.n_action = n_action or self.policy.cfg.n_action
+        self.sampler, self.steps = sampler, steps  # None: the checkpoint's own
         self.seed = seed
         self.plan = plan
         self.gen = torch.Generator()
@@ -214,7 +216,7 @@ class TokenPolicyController:
             h = list(self.history)
             h = [h[0]] * (self.policy.cfg.n_obs - len(h)) + h
             chunk = self.policy.predict(torch.stack([x[0] for x in h])[None], torch.stack([x[1] for x in h])[None],
-                                        generator=self.gen)[0].numpy()
+                                        sampler=self.sampler, steps=self.steps, generator=self.gen)[0].numpy()
             first = self.policy.cfg.n_obs - 1
             self.buffer = list(chunk[first:first + self.n_action])
         return self.buffer.pop(0).astype(np.float32)

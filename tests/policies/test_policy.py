@@ -440,6 +440,10 @@ def test_ego_eval_builds_the_token_controller(slots_policy, tmp_path):
     assert target["perception"] is None and target["plan"] is True
     controller = instantiate(target)
     assert isinstance(controller, TokenPolicyController) and controller.n_action == 2 and controller.plan
+    assert controller.sampler is None  # the checkpoint's own sampler
+    ddim = instantiate(controller_target(EvalConfig(controller="tokens", checkpoint=str(slots_policy), sampler="ddim",
+                                                    steps=3)))
+    assert (ddim.sampler, ddim.steps) == ("ddim", 3)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TokenPolicyController(str(slots_policy), perception=str(tmp_path / "no_segmenter"))
 
