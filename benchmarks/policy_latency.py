@@ -13,6 +13,10 @@ observation path (the slots policy: one streaming step of the frozen encoder) an
 chunk. Variants are interleaved call by call in one process, so they share the machine's load;
 the ratio to DDIM-8 of the same policy is reported as `speedup_vs_ddim8`.
 
+With `--token-checkpoint DIR --perception SEG` it also times the deployable Formation controller
+(`policies.task_tokens.TokenPolicyController` with the plan: segmenter, scene memory, the expert's
+choice of push and the token policy) on a Formation-easy expert episode's frames, `policy` = `tokens`.
+
 Without --checkpoint it measures `runs/pipeline/policy`, running `ego-pipeline` (default profile)
 first when that does not exist; `--quick` builds an untrained policy of the default shape (timings
 of the same architecture, no training).
@@ -63,7 +67,12 @@ def main() -> None:
     parser.add_argument("--predictor", default=None,
                         help="also time world-model-guided selection with this predictor checkpoint")
     parser.add_argument("--select", type=int, default=16, help="samples of the world-model-guided variant")
+    parser.add_argument("--token-checkpoint", default=None,
+                        help="also time this token policy (benchmarks/policy_oracle_perception.py, --plan) ...")
+    parser.add_argument("--perception", default=None, help="... reading RGB-D through this scene segmenter")
     args = parser.parse_args()
+    if bool(args.token_checkpoint) != bool(args.perception):
+        parser.error("--token-checkpoint and --perception go together")
 
     import tempfile
 
@@ -86,19 +95,24 @@ def main() -> None:
             from policies.pipeline import run_pipeline
 
             run_pipeline({})
-    # real observations: one expert episode of Single easy
-    env = EgoPushEnv(task="single", level="easy")
-    obs, info = env.reset(seed=1000)
-    expert = PushExpert()
-    expert.reset(obs, info)
-    frames, start_info = [obs], info
-    while len(frames) < 64:
-        obs, _, term, trunc, info = env.step(expert.act(obs, info))
-        frames.append(obs)
-        if term or trunc:
-            break
-    env.close()
+    def expert_frames(task: str) -> tuple[list[dict], list[dict]]:
+        """Real observations (and `info`, for the privileged-free controllers' reset only): an expert episode."""
+        env = EgoPushEnv(task=task, level="easy")
+        obs, info = env.reset(seed=1000)
+        expert = PushExpert()
+        expert.reset(obs, info)
+        frames, infos = [obs], [info]
+        while len(frames) < 64:
+            obs, _, term, trunc, info = env.step(expert.act(obs, info))
+            frames.append(obs)
+            infos.append(info)
+            if term or trunc:
+                break
+        env.close()
+        return frames, infos
 
+    frames, infos = expert_frames("single")
+    start_info = infos[0]
     controllers = {}
     for ck in ckpts:
         # (sampler, steps, coherence, select): each sampler alone, then the 1-step student choosing among samples
@@ -112,13 +126,30 @@ def main() -> None:
                 continue
             c.reset(frames[0], start_info)
             controllers[(ck, c.policy.cfg.obs, sampler, steps, coherence, select)] = c
-    times = {k: [] for k in controllers}
+    token_controllers = {}
+    if args.token_checkpoint:
+        from policies.task_tokens import TokenPolicyController
+
+        token_frames, token_infos = expert_frames("formation")
+        for sampler, steps in SAMPLERS:
+            c = TokenPolicyController(args.token_checkpoint, threads=args.threads, plan=True,
+                                      perception=args.perception, sampler=sampler, steps=steps)
+            c.reset(token_frames[0], token_infos[0])
+            token_controllers[(args.token_checkpoint, "tokens", sampler, steps, 0, 0)] = c
+    times = {k: [] for k in controllers | token_controllers}
     for i in range(calls + 3):  # 3 warm-up rounds
         frame = frames[i % len(frames)]
         for key, c in controllers.items():
             t0 = time.perf_counter()
             c._buffer.clear()  # a chunk is due: observation in, chunk sampled (and chosen), first action out
             c.act(frame)
+            if i >= 3:
+                times[key].append((time.perf_counter() - t0) * 1e3)
+        for key, c in token_controllers.items():
+            j = i % len(token_frames)
+            t0 = time.perf_counter()
+            c.buffer.clear()  # the frame segmented, the memory and the plan updated, a chunk sampled
+            c.act(token_frames[j], token_infos[j])  # reads no `info` field: it has a segmenter
             if i >= 3:
                 times[key].append((time.perf_counter() - t0) * 1e3)
     for key, ms in times.items():

@@ -201,12 +201,15 @@ class TokenPolicyController:
 
         from policies.observation import robot_state
 
-        seen = plan_seen = tuple(info[k] for k in SCENE_KEYS)
         if self.scene is not None:
             perceived = self.scene(obs)
             perceived = tuple(perceived[k] for k in SCENE_KEYS)
-            seen = perceived if self.perceive in ("both", "tokens") else seen
-            plan_seen = perceived if self.perceive in ("both", "plan") else plan_seen
+            # the diagnostics read one of the two from `info`; the deployable controller reads no `info` at all
+            privileged = None if self.perceive == "both" else tuple(info[k] for k in SCENE_KEYS)
+            seen = perceived if self.perceive in ("both", "tokens") else privileged
+            plan_seen = perceived if self.perceive in ("both", "plan") else privileged
+        else:
+            seen = plan_seen = tuple(info[k] for k in SCENE_KEYS)
         task = self.watcher(*plan_seen)[0] if self.watcher is not None else None
         tok = self.memory(*seen, task=task)
         state = robot_state(torch.as_tensor(obs["proprio"])[None], torch.as_tensor(obs["cam_pose"]).float()[None],
