@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=600)
     parser.add_argument("--budget-min", type=float, default=12.0, help="per phase (the pipeline's diffusion phase)")
     parser.add_argument("--episodes", type=int, default=100, help="0: train only")
+    parser.add_argument("--seed", type=int, default=1000, help="the first evaluation seed")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n-action", type=int, default=None,
                         help="actions executed per chunk before re-planning (default: the trained 8)")
@@ -99,10 +100,11 @@ def main() -> None:
     r = evaluate({"_target_": "policies.task_tokens.TokenPolicyController", "checkpoint": out,
                   "n_action": args.n_action, "plan": args.plan, "perception": args.perception,
                   "perceive": args.perceive, "sampler": args.sampler, "steps": args.sampler_steps}, task=args.task,
-                 level=args.level, episodes=episodes, seed=1000, workers=args.workers, progress=not args.quick)
+                 level=args.level, episodes=episodes, seed=args.seed, workers=args.workers, progress=not args.quick)
     emit(BENCH, "success_rate", r["success_rate"], "fraction", task=args.task, level=args.level,
          policy=("segmenter-tokens" if args.perception else "oracle-tokens") + ("+plan" if args.plan else ""),
          perception=args.perception, perceive=args.perceive if args.perception else None, episodes=episodes,
+         seed=args.seed,
          ci95=[round(r["ci95_low"], 3), round(r["ci95_high"], 3)],
          n_action=args.n_action, sampler=args.sampler, sampler_steps=args.sampler_steps,
          mean_length=round(r["mean_length"], 1), failures=r["failures"],
