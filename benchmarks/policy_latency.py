@@ -19,7 +19,7 @@ choice of push and the token policy) on a Formation-easy expert episode's frames
 
 Without --checkpoint it measures `runs/pipeline/policy`, running `ego-pipeline` (default profile)
 first when that does not exist; `--quick` builds an untrained policy of the default shape (timings
-of the same architecture, no training).
+of the same architecture, no training; the token controller's policy and segmenter trained a few steps).
 """
 
 from __future__ import annotations
@@ -57,6 +57,26 @@ def _untrained(out: Path, obs: str) -> str:
     return str(out)
 
 
+def _quick_tokens(out: Path) -> tuple[str, str]:
+    """A Formation token policy and scene segmenter of the default shapes, trained a few steps on one short
+    segmented episode (timings of the same architecture, not of a useful policy)."""
+    from policies.perception import SegmenterTrainConfig, train_segmenter
+    from policies.task_tokens import token_demos
+    from policies.train import train
+    from sim.collect import collect
+
+    demos = str(out / "formation.zarr")
+    collect(out=demos, task="formation", level="easy", policy="expert", episodes=1, max_steps=30, workers=0,
+            progress=False, segmentation=True)
+    seg = str(train_segmenter([demos], out / "seg", SegmenterTrainConfig(steps=2, batch_size=2, val_fraction=0.0),
+                              progress=False))
+    policy = str(out / "tokens")
+    train({"out": policy, "encoder": "", "progress": False, "data": {"paths": [demos], "task": "formation"},
+           "policy": {"obs": "slots", "token_tail": 0}, "train": {"steps": 2, "distill_steps": 1}},
+          demos=token_demos([demos], plan=True, perception=seg, progress=False))
+    return policy, seg
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", nargs="*", default=None, help="policy directories")
@@ -87,6 +107,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     if args.quick:
         ckpts = [_untrained(Path(tmp.name) / "slots", "slots"), _untrained(Path(tmp.name) / "cnn", "cnn")]
+        args.token_checkpoint, args.perception = _quick_tokens(Path(tmp.name))
         calls = 10
     else:
         ckpts = args.checkpoint or ["runs/pipeline/policy"]
@@ -96,7 +117,8 @@ def main() -> None:
 
             run_pipeline({})
     def expert_frames(task: str) -> tuple[list[dict], list[dict]]:
-        """Real observations (and `info`, for the privileged-free controllers' reset only): an expert episode."""
+        """Real observations of an expert episode, and its `info` (the controllers read the task's definition from
+        it at reset)."""
         env = EgoPushEnv(task=task, level="easy")
         obs, info = env.reset(seed=1000)
         expert = PushExpert()
@@ -149,7 +171,7 @@ def main() -> None:
             j = i % len(token_frames)
             t0 = time.perf_counter()
             c.buffer.clear()  # the frame segmented, the memory and the plan updated, a chunk sampled
-            c.act(token_frames[j], token_infos[j])  # reads no `info` field: it has a segmenter
+            c.act(token_frames[j])  # no `info`: with a segmenter it reads the observation only
             if i >= 3:
                 times[key].append((time.perf_counter() - t0) * 1e3)
     for key, ms in times.items():
