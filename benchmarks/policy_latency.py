@@ -159,21 +159,18 @@ def main() -> None:
             c.reset(token_frames[0], token_infos[0])
             token_controllers[(args.token_checkpoint, "tokens", sampler, steps, 0, 0)] = c
     times = {k: [] for k in controllers | token_controllers}
+    groups = [(controllers, frames)] + ([(token_controllers, token_frames)] if token_controllers else [])
     for i in range(calls + 3):  # 3 warm-up rounds
-        frame = frames[i % len(frames)]
-        for key, c in controllers.items():
-            t0 = time.perf_counter()
-            c._buffer.clear()  # a chunk is due: observation in, chunk sampled (and chosen), first action out
-            c.act(frame)
-            if i >= 3:
-                times[key].append((time.perf_counter() - t0) * 1e3)
-        for key, c in token_controllers.items():
-            j = i % len(token_frames)
-            t0 = time.perf_counter()
-            c.buffer.clear()  # the frame segmented, the memory and the plan updated, a chunk sampled
-            c.act(token_frames[j])  # no `info`: with a segmenter it reads the observation only
-            if i >= 3:
-                times[key].append((time.perf_counter() - t0) * 1e3)
+        for group, group_frames in groups:
+            frame = group_frames[i % len(group_frames)]
+            for key, c in group.items():
+                t0 = time.perf_counter()
+                # a chunk is due: observation in (no `info`: the token controller reads it through its segmenter),
+                # chunk sampled (and chosen), first action out
+                c._buffer.clear()
+                c.act(frame)
+                if i >= 3:
+                    times[key].append((time.perf_counter() - t0) * 1e3)
     for key, ms in times.items():
         ck, obs_kind, sampler, steps, coherence, select = key
         base = np.median(times.get((ck, obs_kind, "ddim", 8, 0, 0), ms))

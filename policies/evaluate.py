@@ -66,18 +66,12 @@ def controller_target(cfg: EvalConfig) -> dict[str, Any]:
         return {"_target_": "sim.experts.PushExpert"}
     if not cfg.checkpoint or not (Path(cfg.checkpoint) / "model.safetensors").exists():
         raise ValueError(f"checkpoint={cfg.checkpoint!r} is not a policy directory; train one with ego-train-policy")
+    # both policy controllers: set only what ego-eval overrides, the rest stays the checkpoint's
+    sampling = {k: v for k, v in (("sampler", cfg.sampler), ("steps", cfg.steps), ("n_action", cfg.n_action)) if v}
     if cfg.controller == "tokens":
-        target = {"_target_": TOKEN_CONTROLLER, "checkpoint": cfg.checkpoint, "plan": cfg.plan,
-                  "perception": cfg.perception or None}
-        return target | {k: v for k, v in (("n_action", cfg.n_action), ("sampler", cfg.sampler), ("steps", cfg.steps))
-                         if v}
-    target = {"_target_": CONTROLLER, "checkpoint": cfg.checkpoint, "task": cfg.task}
-    if cfg.sampler:
-        target["sampler"] = cfg.sampler
-    if cfg.steps:
-        target["steps"] = cfg.steps
-    if cfg.n_action:
-        target["n_action"] = cfg.n_action
+        return {"_target_": TOKEN_CONTROLLER, "checkpoint": cfg.checkpoint, "plan": cfg.plan,
+                "perception": cfg.perception or None} | sampling
+    target = {"_target_": CONTROLLER, "checkpoint": cfg.checkpoint, "task": cfg.task} | sampling
     if cfg.same_noise:
         target["same_noise"] = True
     if cfg.select > 0:

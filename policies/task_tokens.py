@@ -185,7 +185,7 @@ class TokenPolicyController:
         import torch
 
         self.history: deque = deque(maxlen=self.policy.cfg.n_obs)
-        self.buffer: list[np.ndarray] = []
+        self._buffer: list[np.ndarray] = []
         self.memory = ObjectTokens(self.plan)
         self.watcher = ExpertPlan(info.get("formation") or "") if self.plan else None
         self.scene = None
@@ -215,11 +215,11 @@ class TokenPolicyController:
         state = robot_state(torch.as_tensor(obs["proprio"])[None], torch.as_tensor(obs["cam_pose"]).float()[None],
                             self.start[None])[0]
         self.history.append((torch.from_numpy(tok), state))
-        if not self.buffer:
+        if not self._buffer:
             h = list(self.history)
             h = [h[0]] * (self.policy.cfg.n_obs - len(h)) + h
             chunk = self.policy.predict(torch.stack([x[0] for x in h])[None], torch.stack([x[1] for x in h])[None],
                                         sampler=self.sampler, steps=self.steps, generator=self.gen)[0].numpy()
             first = self.policy.cfg.n_obs - 1
-            self.buffer = list(chunk[first:first + self.n_action])
-        return self.buffer.pop(0).astype(np.float32)
+            self._buffer = list(chunk[first:first + self.n_action])
+        return self._buffer.pop(0).astype(np.float32)
