@@ -9,9 +9,12 @@ with field `rope`:
 - fg_ari: foreground adjusted Rand index of the slot masks against MuJoCo's segmentation, per frame
   (field video_fg_ari: SAVi's per-clip convention, which also counts slot switches).
 - probe_median_err_m: linear probe from Hungarian-matched slots to object planar positions
-  (Huber fit, ridge by cross-validation, on half of the held-out episodes, tested on the other
-  half); fields: geometry_probe_median_err_m, the same probe on the slot's 5 geometric features
-  alone, and slot_center_median_err_m, the slots' own centre estimate with no probe.
+  (Huber fit, ridge by cross-validation over episodes), fitted on probe-fit episodes of their own
+  (seeds from 200 000, `--probe-fit-scale` times the held-out sources; 0: none) and tested on every
+  held-out episode; fields: geometry_probe_median_err_m, the same probe on the slot's 5 geometric
+  features alone, slot_center_median_err_m, the slots' own centre estimate with no probe, and
+  half_split_probe_median_err_m, the earlier protocol (fitted on half of the held-out episodes,
+  tested on the other half).
 - slot_identity_consistency: over 20-step clips with a moving camera, the fraction of steps on which
   each object stays matched to its usual slot.
 - encoder_ms_per_frame (field `attention`: dense / sparse) at batch 1 streaming on this CPU, and
@@ -35,6 +38,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run, under a minute")
     parser.add_argument("--clip-len", type=int, default=20)
     parser.add_argument("--eval-root", default="data/wm_eval")
+    parser.add_argument("--probe-fit-scale", type=int, default=4,
+                        help="the position probe is fitted on this many times the held-out sources' episodes, "
+                             "from seeds of their own (0: on half of the held-out episodes, the earlier protocol)")
     parser.add_argument("--sparse-quality", action="store_true",
                         help="also measure fg_ari / identity with block-sparse attention")
     parser.add_argument("--latency-sizes", type=int, nargs="*", default=[128],
@@ -53,6 +59,7 @@ def main() -> None:
     from worldmodel.data import Clips
     from worldmodel.encoder import EncoderConfig, ObjectCentricEncoder, config_dict
     from worldmodel.evaluate import (
+        PROBE_FIT_SEED,
         collect_eval_data,
         default_eval_sources,
         encode_clips,
@@ -84,8 +91,13 @@ def main() -> None:
     clip_len = 10 if args.quick else args.clip_len
     paths = collect_eval_data(args.eval_root, default_eval_sources(args.quick))
     clips = Clips.load(paths, need=("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses"))
+    fit_clips = None
+    if args.probe_fit_scale > 0:
+        fit_paths = collect_eval_data(args.eval_root, default_eval_sources(args.quick, args.probe_fit_scale),
+                                      seed=PROBE_FIT_SEED)
+        fit_clips = Clips.load(fit_paths, need=("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses"))
     env = machine() | {"torch": torch.__version__, "quick": args.quick, "malloc_keep_freed": tuned, "eval_episodes": len(clips.starts),
-                       "clip_len": clip_len}
+                       "clip_len": clip_len, "probe_fit_episodes": len(fit_clips.starts) if fit_clips else 0}
     for i, ckpt in enumerate(checkpoints):
         model = load_encoder(ckpt)
         cfg = model.cfg
@@ -94,12 +106,16 @@ def main() -> None:
         modes = ("dense", "sparse") if args.sparse_quality else ("dense",)
         for mode in modes:
             model.set_sparse(mode == "sparse")
-            m = slot_metrics(encode_clips(model, clips, clip_len))
+            fit = encode_clips(model, fit_clips, clip_len) if fit_clips else None
+            m = slot_metrics(encode_clips(model, clips, clip_len), probe_fit=fit)
             emit(BENCH, "fg_ari", m["fg_ari"], "ari", attention=mode, frames=m["fg_ari_frames"], target=0.85,
                  multi_object_frames_ari=m["fg_ari_multi_object"], object_purity=m["object_purity"],
                  video_fg_ari=m["fg_ari_video"], **common)
             emit(BENCH, "probe_median_err_m", m.get("probe_median_err_m"), "m", attention=mode,
                  mean_err_m=m.get("probe_mean_err_m"), test_samples=m.get("probe_test_samples"), target=0.03,
+                 fit_samples=m.get("probe_train_samples"),
+                 half_split_probe_median_err_m=m.get("half_probe_median_err_m"),
+                 half_split_geometry_probe_median_err_m=m.get("half_probe_geometry_median_err_m"),
                  slot_center_median_err_m=m.get("center_median_err_m"),
                  geometry_probe_median_err_m=m.get("probe_geometry_median_err_m"), ridge=m.get("probe_ridge"),
                  **common)

@@ -27,6 +27,8 @@ from worldmodel.metrics import (
 )
 
 EVAL_SEED = 100_000  # training data uses seeds from 0
+# episodes on which the position probe is fitted: neither training data nor the held-out episodes it is tested on
+PROBE_FIT_SEED = 200_000
 
 
 @dataclass
@@ -38,25 +40,29 @@ class EvalSource:
     max_steps: int
 
 
-def default_eval_sources(quick: bool = False) -> list[EvalSource]:
-    """Random exploration (a camera that turns and drives) and noisy-expert pushing, both tasks."""
+def default_eval_sources(quick: bool = False, scale: int = 1) -> list[EvalSource]:
+    """Random exploration (a camera that turns and drives) and noisy-expert pushing, both tasks;
+    `scale` times as many episodes of each."""
     if quick:
-        return [EvalSource("formation", "hard", "random", 2, 40)]
+        return [EvalSource("formation", "hard", "random", 2 * scale, 40)]
     return [
-        EvalSource("formation", "hard", "random", 12, 100),
-        EvalSource("formation", "hard", "noisy_expert", 6, 100),
-        EvalSource("single", "hard", "random", 6, 100),
+        EvalSource("formation", "hard", "random", 12 * scale, 100),
+        EvalSource("formation", "hard", "noisy_expert", 6 * scale, 100),
+        EvalSource("single", "hard", "random", 6 * scale, 100),
     ]
 
 
 def collect_eval_data(root: str | Path, sources: list[EvalSource], image_size: int = 64,
-                      progress: bool = False) -> list[str]:
+                      progress: bool = False, seed: int = EVAL_SEED) -> list[str]:
+    """Collect (once: an existing dataset is reused) each source's episodes from `seed` with
+    segmentation; returns the dataset paths."""
     from sim.collect import collect
 
+    tag = "eval" if seed == EVAL_SEED else f"seed{seed}_"
     paths = []
     for s in sources:
-        path = str(Path(root) / f"{s.task}_{s.level}_{s.policy}_{image_size}px_eval{s.episodes}x{s.max_steps}.zarr")
-        collect(out=path, task=s.task, level=s.level, policy=s.policy, episodes=s.episodes, seed=EVAL_SEED,
+        path = str(Path(root) / f"{s.task}_{s.level}_{s.policy}_{image_size}px_{tag}{s.episodes}x{s.max_steps}.zarr")
+        collect(out=path, task=s.task, level=s.level, policy=s.policy, episodes=s.episodes, seed=seed,
                 max_steps=s.max_steps, image_size=image_size, segmentation=True, workers=2, progress=progress)
         paths.append(path)
     return paths
@@ -85,10 +91,66 @@ def encode_clips(model: ObjectCentricEncoder, clips: Clips, clip_len: int, batch
     return out
 
 
-def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[str, Any]:
-    """fg_ari, slot_identity_consistency and probe_median_err_m from encoded clips."""
-    aris, multi, purity, video, same, total = [], [], [], [], 0, 0
+def matched_samples(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[str, np.ndarray]:
+    """The position probe's samples: for every frame and every object Hungarian-matched to a slot (IoU
+    of the slot's argmax region with the object's pixels), that slot's feature vector (`x`), the
+    object's planar position (`y`) and the clip's episode (`group`)."""
     feats, targets, groups = [], [], []
+    for clip in encoded:
+        n_obj = clip["object_poses"].shape[1]
+        for t in range(len(clip["masks"])):
+            for o, s in match_objects(clip["masks"][t], clip["segmentation"][t], n_obj, min_pixels).items():
+                pose = clip["object_poses"][t, o]
+                if np.isfinite(pose).all():
+                    feats.append(clip["features"][t, s])
+                    targets.append(pose[:2])
+                    groups.append(clip["episode"])
+    f = clip["features"].shape[-1] if encoded else 0
+    return {"x": np.asarray(feats, np.float64).reshape(-1, f), "y": np.asarray(targets, np.float64).reshape(-1, 2),
+            "group": np.asarray(groups, np.int64)}
+
+
+def probe_metrics(test: dict[str, np.ndarray], fit: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Linear position probes from matched slot features (`matched_samples`) to object positions.
+
+    With `fit` (samples of episodes of their own), the probe is fitted there (Huber, ridge chosen by
+    cross-validation over its episodes) and tested on every sample of `test`: `probe_median_err_m`.
+    Without, or in addition (`half_probe_median_err_m`), the older protocol: fitted on the even
+    episodes of `test`, tested on the odd ones (few fitting samples for 100+ features: variance).
+    `probe_geometry_*`: the same on the slot's geometric part alone (its last 5 features);
+    `center_median_err_m`: the slot's own centre estimate (geometry[:2]), no probe."""
+    x, y, g = test["x"], test["y"], test["group"]
+    if not len(x):
+        return {}
+
+    def errors(fx, fy, fg, tx, ty, cols) -> tuple[np.ndarray, float]:
+        w, ridge = fit_linear_probe_cv(fx[:, cols], fy, fg)
+        return np.linalg.norm(apply_linear_probe(w, tx[:, cols]) - ty, axis=1), ridge
+
+    out: dict[str, Any] = {"center_median_err_m": float(np.median(np.linalg.norm(x[:, -5:-3] - y, axis=1)))}
+    half = g % 2 == 0
+    if half.any() and (~half).any():
+        err, ridge = errors(x[half], y[half], g[half], x[~half], y[~half], slice(None))
+        geo, _ = errors(x[half], y[half], g[half], x[~half], y[~half], slice(-5, None))
+        out |= {"half_probe_median_err_m": float(np.median(err)), "half_probe_ridge": ridge,
+                "half_probe_train_samples": int(half.sum()), "half_probe_test_samples": int((~half).sum()),
+                "half_probe_geometry_median_err_m": float(np.median(geo))}
+    if fit is not None and len(fit["x"]):
+        err, ridge = errors(fit["x"], fit["y"], fit["group"], x, y, slice(None))
+        geo, _ = errors(fit["x"], fit["y"], fit["group"], x, y, slice(-5, None))
+        out |= {"probe_median_err_m": float(np.median(err)), "probe_mean_err_m": float(err.mean()),
+                "probe_ridge": ridge, "probe_train_samples": len(fit["x"]), "probe_test_samples": len(x),
+                "probe_geometry_median_err_m": float(np.median(geo))}
+    elif "half_probe_median_err_m" in out:
+        out |= {k[len("half_"):]: v for k, v in out.items() if k.startswith("half_")}
+    return out
+
+
+def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20,
+                 probe_fit: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """fg_ari, slot_identity_consistency and the position probes (`probe_metrics`) from encoded clips;
+    `probe_fit`: encoded clips of other episodes to fit the probe on."""
+    aris, multi, purity, video, same, total = [], [], [], [], 0, 0
     for clip in encoded:
         n_obj = clip["object_poses"].shape[1]
         seg_clip = clip["segmentation"]
@@ -106,14 +168,7 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[st
                     multi.append(a)
                 won = clip["masks"][t].argmax(0)
                 purity += [np.bincount(won[seg == o]).max() / (seg == o).sum() for o in objs]
-            m = match_objects(clip["masks"][t], seg, n_obj, min_pixels)
-            matches.append(m)
-            for o, s in m.items():
-                pose = clip["object_poses"][t, o]
-                if np.isfinite(pose).all():
-                    feats.append(clip["features"][t, s])
-                    targets.append(pose[:2])
-                    groups.append(clip["episode"])
+            matches.append(match_objects(clip["masks"][t], seg, n_obj, min_pixels))
         s_, t_ = identity_consistency(matches)
         same, total = same + s_, total + t_
     result: dict[str, Any] = {
@@ -127,26 +182,8 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[st
         "slot_identity_consistency": same / total if total else None,
         "identity_object_steps": total,
     }
-    # linear probe: fit on half of the episodes (Huber, ridge chosen by cross-validation over those
-    # episodes), tested on the other half
-    if feats:
-        x, y, g = np.asarray(feats, np.float64), np.asarray(targets, np.float64), np.asarray(groups)
-        train = g % 2 == 0
-        # the slots' own centre estimate (geometry[:2]), no probe: what a downstream model reads
-        centre_err = np.linalg.norm(x[:, -5:-3] - y, axis=1)
-        result["center_median_err_m"] = float(np.median(centre_err))
-        if train.any() and (~train).any():
-            def probe(cols: slice) -> tuple[np.ndarray, float]:
-                w, ridge = fit_linear_probe_cv(x[train][:, cols], y[train], g[train])
-                return np.linalg.norm(apply_linear_probe(w, x[~train][:, cols]) - y[~train], axis=1), ridge
-
-            err, ridge = probe(slice(None))
-            result |= {"probe_median_err_m": float(np.median(err)), "probe_mean_err_m": float(err.mean()),
-                       "probe_ridge": ridge, "probe_train_samples": int(train.sum()),
-                       "probe_test_samples": int((~train).sum()),
-                       # the same probe on the slot's geometric part alone (its last 5 features)
-                       "probe_geometry_median_err_m": float(np.median(probe(slice(-5, None))[0]))}
-    return result
+    fit = matched_samples(probe_fit, min_pixels) if probe_fit else None
+    return result | probe_metrics(matched_samples(encoded, min_pixels), fit)
 
 
 @torch.no_grad()

@@ -214,3 +214,28 @@ def test_huber_probe_ignores_outliers_and_cv_picks_a_ridge():
     assert ridge in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) and err(w) < 0.01
     w2, ridge2 = fit_linear_probe_cv(x, y, groups)
     assert ridge2 == ridge and np.array_equal(w, w2)  # deterministic
+
+
+def test_probe_fitted_on_episodes_of_its_own_has_less_variance_than_the_half_split():
+    """Many noisy features, few held-out episodes: fitted on a larger set of other episodes, the
+    probe's error on every held-out sample is lower than the half-split's, and the slot's own centre
+    (the geometric part's first two features) is scored with no probe."""
+    from worldmodel.evaluate import probe_metrics
+
+    rng = np.random.default_rng(1)
+
+    def samples(episodes: int, per: int) -> dict[str, np.ndarray]:
+        y = rng.uniform(-1, 1, (episodes * per, 2))
+        noise = rng.normal(0, 1.0, (len(y), 60))
+        geometry = np.concatenate([y + rng.normal(0, 0.02, y.shape), rng.normal(0, 1, (len(y), 3))], 1)
+        x = np.concatenate([noise + 0.05 * y @ rng.normal(0, 1, (2, 60)), geometry], 1)
+        return {"x": x, "y": y, "group": np.repeat(np.arange(episodes), per)}
+
+    test, fit = samples(6, 15), samples(40, 30)
+    half = probe_metrics(test)
+    both = probe_metrics(test, fit)
+    assert half["probe_median_err_m"] == half["half_probe_median_err_m"] and half["probe_test_samples"] == 45
+    assert both["probe_train_samples"] == 1200 and both["probe_test_samples"] == 90
+    assert both["half_probe_median_err_m"] == half["half_probe_median_err_m"]
+    assert both["probe_median_err_m"] < 0.8 * half["probe_median_err_m"]
+    assert both["center_median_err_m"] < 0.05 and both["probe_geometry_median_err_m"] < 0.05
