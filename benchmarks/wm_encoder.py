@@ -25,6 +25,7 @@ with field `rope`:
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from _common import emit, machine  # first: puts the repository on the import path
@@ -41,6 +42,9 @@ def main() -> None:
     parser.add_argument("--probe-fit-scale", type=int, default=4,
                         help="the position probe is fitted on this many times the held-out sources' episodes, "
                              "from seeds of their own (0: on half of the held-out episodes, the earlier protocol)")
+    parser.add_argument("--slot-iters", type=int, nargs=2, metavar=("FIRST", "LATER"), default=None,
+                        help="evaluate with this many slot-attention iterations on a clip's first frame and on "
+                             "later frames instead of the checkpoint's own (a test-time setting)")
     parser.add_argument("--sparse-quality", action="store_true",
                         help="also measure fg_ari / identity with block-sparse attention")
     parser.add_argument("--latency-sizes", type=int, nargs="*", default=[128],
@@ -101,7 +105,10 @@ def main() -> None:
     for i, ckpt in enumerate(checkpoints):
         model = load_encoder(ckpt)
         cfg = model.cfg
+        if args.slot_iters:  # validated like any config
+            model.cfg = cfg = replace(cfg, slot_iters_first=args.slot_iters[0], slot_iters=args.slot_iters[1])
         common = {"rope": cfg.rope, "checkpoint": str(Path(ckpt)), "slots": cfg.num_slots,
+                  "slot_iters": [cfg.slot_iters_first, cfg.slot_iters],
                   "image_size": list(cfg.image_size)} | env
         modes = ("dense", "sparse") if args.sparse_quality else ("dense",)
         for mode in modes:

@@ -299,6 +299,8 @@ def test_config_rejects_bad_values():
         EncoderConfig(rope="3d")
     with pytest.raises(ValueError, match="divisible by patch"):
         EncoderConfig(image_size=(60, 64))
+    with pytest.raises(ValueError, match="slot_iters must be >= 1"):
+        EncoderConfig(slot_iters=0)
 
 
 def test_object_balance_makes_a_small_goal_disc_count_as_much_as_a_box():
