@@ -91,15 +91,19 @@ def encode_clips(model: ObjectCentricEncoder, clips: Clips, clip_len: int, batch
     return out
 
 
-def matched_samples(encoded: list[dict[str, Any]], min_pixels: int = 20) -> dict[str, np.ndarray]:
+def matched_samples(encoded: list[dict[str, Any]], min_pixels: int = 20,
+                    matches: list[list[dict[int, int]]] | None = None) -> dict[str, np.ndarray]:
     """The position probe's samples: for every frame and every object Hungarian-matched to a slot (IoU
     of the slot's argmax region with the object's pixels), that slot's feature vector (`x`), the
-    object's planar position (`y`) and the clip's episode (`group`)."""
+    object's planar position (`y`) and the clip's episode (`group`). `matches`: per clip, per frame,
+    the matches already made (`match_objects`)."""
     feats, targets, groups = [], [], []
-    for clip in encoded:
+    for c, clip in enumerate(encoded):
         n_obj = clip["object_poses"].shape[1]
         for t in range(len(clip["masks"])):
-            for o, s in match_objects(clip["masks"][t], clip["segmentation"][t], n_obj, min_pixels).items():
+            m = matches[c][t] if matches is not None else match_objects(clip["masks"][t], clip["segmentation"][t],
+                                                                         n_obj, min_pixels)
+            for o, s in m.items():
                 pose = clip["object_poses"][t, o]
                 if np.isfinite(pose).all():
                     feats.append(clip["features"][t, s])
@@ -151,6 +155,7 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20,
     """fg_ari, slot_identity_consistency and the position probes (`probe_metrics`) from encoded clips;
     `probe_fit`: encoded clips of other episodes to fit the probe on."""
     aris, multi, purity, video, same, total = [], [], [], [], 0, 0
+    clip_matches = []
     for clip in encoded:
         n_obj = clip["object_poses"].shape[1]
         seg_clip = clip["segmentation"]
@@ -169,6 +174,7 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20,
                 won = clip["masks"][t].argmax(0)
                 purity += [np.bincount(won[seg == o]).max() / (seg == o).sum() for o in objs]
             matches.append(match_objects(clip["masks"][t], seg, n_obj, min_pixels))
+        clip_matches.append(matches)
         s_, t_ = identity_consistency(matches)
         same, total = same + s_, total + t_
     result: dict[str, Any] = {
@@ -183,7 +189,7 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20,
         "identity_object_steps": total,
     }
     fit = matched_samples(probe_fit, min_pixels) if probe_fit else None
-    return result | probe_metrics(matched_samples(encoded, min_pixels), fit)
+    return result | probe_metrics(matched_samples(encoded, min_pixels, clip_matches), fit)
 
 
 @torch.no_grad()
