@@ -93,13 +93,14 @@ def main() -> None:
         checkpoints = [out]
 
     clip_len = 10 if args.quick else args.clip_len
+    need = ("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses")  # what encoding and scoring read
     paths = collect_eval_data(args.eval_root, default_eval_sources(args.quick))
-    clips = Clips.load(paths, need=("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses"))
+    clips = Clips.load(paths, need=need)
     fit_clips = None
     if args.probe_fit_scale > 0:
         fit_paths = collect_eval_data(args.eval_root, default_eval_sources(args.quick, args.probe_fit_scale),
                                       seed=PROBE_FIT_SEED)
-        fit_clips = Clips.load(fit_paths, need=("rgb", "depth", "intrinsics", "cam_pose", "segmentation", "object_poses"))
+        fit_clips = Clips.load(fit_paths, need=need)
     env = machine() | {"torch": torch.__version__, "quick": args.quick, "malloc_keep_freed": tuned, "eval_episodes": len(clips.starts),
                        "clip_len": clip_len, "probe_fit_episodes": len(fit_clips.starts) if fit_clips else 0}
     for i, ckpt in enumerate(checkpoints):

@@ -109,7 +109,7 @@ def matched_samples(encoded: list[dict[str, Any]], min_pixels: int = 20,
                     feats.append(clip["features"][t, s])
                     targets.append(pose[:2])
                     groups.append(clip["episode"])
-    f = clip["features"].shape[-1] if encoded else 0
+    f = encoded[0]["features"].shape[-1] if encoded else 0
     return {"x": np.asarray(feats, np.float64).reshape(-1, f), "y": np.asarray(targets, np.float64).reshape(-1, 2),
             "group": np.asarray(groups, np.int64)}
 
@@ -127,24 +127,22 @@ def probe_metrics(test: dict[str, np.ndarray], fit: dict[str, np.ndarray] | None
     if not len(x):
         return {}
 
-    def errors(fx, fy, fg, tx, ty, cols) -> tuple[np.ndarray, float]:
-        w, ridge = fit_linear_probe_cv(fx[:, cols], fy, fg)
-        return np.linalg.norm(apply_linear_probe(w, tx[:, cols]) - ty, axis=1), ridge
+    def probe(fx, fy, fg, tx, ty, prefix: str) -> dict[str, Any]:
+        """Fitted on (fx, fy; episodes fg), scored on (tx, ty): on every feature and on the geometric part."""
+        w, ridge = fit_linear_probe_cv(fx, fy, fg)
+        err = np.linalg.norm(apply_linear_probe(w, tx) - ty, axis=1)
+        w_geo, _ = fit_linear_probe_cv(fx[:, -5:], fy, fg)
+        geo = np.linalg.norm(apply_linear_probe(w_geo, tx[:, -5:]) - ty, axis=1)
+        return {f"{prefix}probe_median_err_m": float(np.median(err)), f"{prefix}probe_mean_err_m": float(err.mean()),
+                f"{prefix}probe_ridge": ridge, f"{prefix}probe_train_samples": len(fx),
+                f"{prefix}probe_test_samples": len(tx), f"{prefix}probe_geometry_median_err_m": float(np.median(geo))}
 
     out: dict[str, Any] = {"center_median_err_m": float(np.median(np.linalg.norm(x[:, -5:-3] - y, axis=1)))}
     half = g % 2 == 0
     if half.any() and (~half).any():
-        err, ridge = errors(x[half], y[half], g[half], x[~half], y[~half], slice(None))
-        geo, _ = errors(x[half], y[half], g[half], x[~half], y[~half], slice(-5, None))
-        out |= {"half_probe_median_err_m": float(np.median(err)), "half_probe_ridge": ridge,
-                "half_probe_train_samples": int(half.sum()), "half_probe_test_samples": int((~half).sum()),
-                "half_probe_geometry_median_err_m": float(np.median(geo))}
+        out |= probe(x[half], y[half], g[half], x[~half], y[~half], "half_")
     if fit is not None and len(fit["x"]):
-        err, ridge = errors(fit["x"], fit["y"], fit["group"], x, y, slice(None))
-        geo, _ = errors(fit["x"], fit["y"], fit["group"], x, y, slice(-5, None))
-        out |= {"probe_median_err_m": float(np.median(err)), "probe_mean_err_m": float(err.mean()),
-                "probe_ridge": ridge, "probe_train_samples": len(fit["x"]), "probe_test_samples": len(x),
-                "probe_geometry_median_err_m": float(np.median(geo))}
+        out |= probe(fit["x"], fit["y"], fit["group"], x, y, "")
     elif "half_probe_median_err_m" in out:
         out |= {k[len("half_"):]: v for k, v in out.items() if k.startswith("half_")}
     return out
