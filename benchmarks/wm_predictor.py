@@ -12,8 +12,10 @@ figure carries field `variant` (from the checkpoint's config: full, no_masking, 
 - `pos_err_m`, field `horizon` (env steps, 0.1 s each): for each held-out segment (the encoder's
   held-out episodes, seeds from 100 000) the predictor gets `history` frames of encoder features and
   rolls the recorded commands out open loop; each object seen at the last history frame is followed
-  in the slot the encoder gave it (masks against the simulator's segmentation, Hungarian over the
-  segment). Median over objects; `baseline_err_m`: the same objects predicted to stay where the
+  in the slot the encoder gave it on the history (masks against the simulator's segmentation,
+  Hungarian over the history frames; `--match segment`, the protocol before 2026-12-07, matches over
+  the whole segment, future included: an object then goes to whichever slot holds it in most of
+  the next 3 s, which need not be the one the rollout starts from). Median over objects; `baseline_err_m`: the same objects predicted to stay where the
   slot's centre estimate put them (a model that knows nothing of motion).
 - `counterfactual_err_m`, fields `intervention` (factual, move, swap) and `horizon`: EgoPush-Single
   scenes where the expert is about to push the box, changed in the simulator before the same
@@ -105,6 +107,9 @@ def main() -> None:
     parser.add_argument("--planner", nargs="*", default=[],
                         help="PlannerConfig overrides or make_latent_planner options, e.g. samples=128, encoder=DIR, "
                              "settle_steps=0 (defaults: the CPU defaults)")
+    parser.add_argument("--match", choices=["history", "segment"], default="history",
+                        help="frames the objects are matched to slots on: the history the rollout starts from, or "
+                             "the whole segment (the protocol before 2026-12-07)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["open_loop", "counterfactual", "planning"])
     parser.add_argument("--patch", default=None,
                         help="also measure the patch-token JEPA ablation in this directory (open loop); trained there "
@@ -140,15 +145,18 @@ def main() -> None:
         horizons = sorted({max(fs, -(-h // fs) * fs) for h in args.horizons})  # whole predictor frames
         seg_len = (th - 1) * fs + horizons[-1] + 1
         encoder_dir = str(config.get("encoder"))
-        common = env | {"variant": variant_name(cfg), "checkpoint": str(Path(ckpt)), "encoder": encoder_dir,
+        match_frames = (th - 1) * fs + 1 if args.match == "history" else None
+        common = env | {"variant": variant_name(cfg), "match": args.match, "checkpoint": str(Path(ckpt)), "encoder": encoder_dir,
                         "history_frames": th, "frameskip": fs, "parameters": sum(p.numel() for p in model.parameters())}
 
         if "open_loop" not in args.skip:
-            if encoder_dir not in open_cache:
+            open_key = f"{encoder_dir}|{seg_len}|{match_frames}"  # predictors of other windows need other segments
+            if open_key not in open_cache:
                 paths = collect_eval_data(args.eval_root, default_eval_sources(quick))
-                open_cache[encoder_dir] = encode_segments(load_encoder(encoder_dir), paths, seg_len, batch=8, seed=0,
-                                                          device=torch.device("cpu"), progress=False)
-            cache = open_cache[encoder_dir]
+                open_cache[open_key] = encode_segments(load_encoder(encoder_dir), paths, seg_len, batch=8, seed=0,
+                                                       device=torch.device("cpu"), progress=False,
+                                                       match_frames=match_frames)
+            cache = open_cache[open_key]
             errs = rollout_errors(model, cache, horizons, args.min_pixels)
             for h in horizons:
                 e, b = errs.model[h], errs.still[h]
@@ -161,9 +169,10 @@ def main() -> None:
             steps = (th - 1) * fs + horizons[-1]
             if record is None:
                 record = record_counterfactuals(list(range(300_000, 300_000 + cf_seeds)), steps, (th - 1) * fs)
-            if encoder_dir not in cf_cache:
-                cf_cache[encoder_dir] = encode_counterfactuals(load_encoder(encoder_dir), record)
-            for name, cache in cf_cache[encoder_dir].items():
+            cf_key = f"{encoder_dir}|{match_frames}"
+            if cf_key not in cf_cache:
+                cf_cache[cf_key] = encode_counterfactuals(load_encoder(encoder_dir), record, match_frames=match_frames)
+            for name, cache in cf_cache[cf_key].items():
                 errs = rollout_errors(model, cache, horizons, args.min_pixels, objects=record["changed"][name])
                 for h in horizons:
                     e, b = errs.model[h], errs.still[h]
@@ -173,7 +182,7 @@ def main() -> None:
                          scenes=len(record["seeds"]), scenes_tried=cf_seeds, **common)
 
         if args.patch and ckpt_i == 0 and "open_loop" not in args.skip:
-            measure_patch(args, config, open_cache[encoder_dir], horizons, env)
+            measure_patch(args, config, open_cache[open_key], horizons, env)
 
         if "planning" not in args.skip and ckpt_i == 0 and args.planning_episodes > 0:
             episodes = 2 if quick else args.planning_episodes

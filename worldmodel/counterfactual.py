@@ -196,8 +196,9 @@ def record_counterfactuals(seeds: list[int], steps: int, push_after: int, *, lev
 
 
 def encode_counterfactuals(encoder: torch.nn.Module, record: dict[str, Any], batch: int = 8,
-                           seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """Each variant's segments as a predictor cache (`encode_clip_arrays`)."""
+                           seed: int = 0, match_frames: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Each variant's segments as a predictor cache (`encode_clip_arrays`; objects matched to slots
+    on the first `match_frames` steps, None = all)."""
     from worldmodel.train_predictor import encode_clip_arrays
 
     caches = {}
@@ -213,5 +214,6 @@ def encode_counterfactuals(encoder: torch.nn.Module, record: dict[str, Any], bat
 
         per_step = {"actions": record["actions"], "cam_pose": arr["cam_pose"], "object_poses": arr["object_poses"],
                     "proprio": arr["proprio"]}
-        caches[v] = encode_clip_arrays(encoder, frames, len(arr["rgb"]), per_step, batch, seed)
+        caches[v] = encode_clip_arrays(encoder, frames, len(arr["rgb"]), per_step, batch, seed,
+                                       match_frames=match_frames)
     return caches

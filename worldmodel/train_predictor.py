@@ -123,23 +123,30 @@ def step_arrays(per_step: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def encode_segments(encoder: torch.nn.Module, paths: list[str], segment_len: int, batch: int, seed: int,
-                    device: torch.device, progress: bool = True) -> dict[str, np.ndarray]:
+                    device: torch.device, progress: bool = True, match_frames: int | None = None) -> dict[str, np.ndarray]:
     """Encode every segment: features (G, L, K, S + 5) and the per-step arrays the predictor trains on
     (see `encode_clip_arrays`)."""
     clips, starts, per_step = load_segments(paths, segment_len)
     return encode_clip_arrays(encoder, lambda i, j: clips.batch(starts[i:j], segment_len, device=device), len(starts),
-                              per_step, batch, seed, progress)
+                              per_step, batch, seed, progress, match_frames)
 
 
 @torch.no_grad()
 def encode_clip_arrays(encoder: torch.nn.Module, frames: Any, n_clips: int, per_step: dict[str, np.ndarray],
-                       batch: int, seed: int, progress: bool = False) -> dict[str, np.ndarray]:
+                       batch: int, seed: int, progress: bool = False,
+                       match_frames: int | None = None) -> dict[str, np.ndarray]:
     """The predictor's cache of G clips of L steps: features (G, L, K, S + 5) from the encoder, each
     clip encoded from its first frame; slot_object (G, K) (-1 = none); object_pixels (G, L, O); and
     per_step's actions (the command taken at each step), cam_pose, object_poses, proprio (G, L, ...).
     Objects are matched to slots per clip by the encoder's masks against the segmentation
-    (Hungarian on the clip's summed log-likelihood, as the encoder's training matched them).
+    (Hungarian on the summed log-likelihood, as the encoder's training matched them), over the clip's
+    first `match_frames` steps (None: all of it). An open-loop test matches on the history it starts
+    from: matched over the whole clip, an object goes to the slot that holds it in most of the
+    future, which need not be the slot that held it where the rollout starts.
     frames(i, j): clips i..j-1 as tensors rgb, depth, intrinsics, cam_pose, segmentation (B, L, ...)."""
+    if match_frames is not None and match_frames < 1:
+        raise ValueError(f"match_frames must be >= 1 (or None: the whole clip); got {match_frames}")
+    span = slice(0, match_frames)
     from worldmodel.objectives import match_objects_to_slots, object_onehot
 
     n_obj = per_step["object_poses"].shape[2]
@@ -159,7 +166,8 @@ def encode_clip_arrays(encoder: torch.nn.Module, frames: Any, n_clips: int, per_
         pixels.append(pix)
         so = np.full((len(onehot), k), -1, np.int16)
         if onehot.shape[2]:
-            for j, (objs, slots) in enumerate(match_objects_to_slots(torch.log(out.masks.clamp(min=1e-6)), onehot)):
+            log_masks = torch.log(out.masks[:, span].clamp(min=1e-6))
+            for j, (objs, slots) in enumerate(match_objects_to_slots(log_masks, onehot[:, span])):
                 keep = objs < n_obj  # goal markers (sim.env.GOAL_SEG_ID) have no pose: no probe target
                 so[j, slots[keep]] = objs[keep]
         slot_object.append(so)

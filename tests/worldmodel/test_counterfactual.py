@@ -78,3 +78,50 @@ def test_rollout_errors_follow_the_chosen_objects(record, world_model):
     with pytest.raises(ValueError, match="too short"):
         rollout_errors(model, cache, [40])
     torch.manual_seed(0)
+
+
+class _ScriptedSlots(torch.nn.Module):
+    """Slot masks fixed in advance (a stand-in for an encoder's output, to test the matching alone):
+    object 0 sits in slot 0 for the first `switch` frames of a clip, in slot 1 after; slot 2 holds the rest."""
+
+    def __init__(self, switch: int) -> None:
+        super().__init__()
+        self.cfg = type("Cfg", (), {"num_slots": 3})()
+        self.switch = switch
+
+    def forward(self, rgb, depth, intrinsics, cam_pose):
+        b, length, h, w = rgb.shape[:4]
+        masks = torch.full((b, length, 3, h, w), 0.01)
+        masks[:, :, 2] = 0.98
+        obj = torch.zeros(h, w, dtype=torch.bool)
+        obj[:4, :4] = True
+        masks[:, : self.switch, 0][..., obj] = 0.98
+        masks[:, self.switch:, 1][..., obj] = 0.98
+        masks[:, :, 2][..., obj] = 0.01
+        return type("Out", (), {"masks": masks, "features": torch.zeros(b, length, 3, 8)})()
+
+
+def test_objects_are_matched_to_slots_on_the_frames_asked_for():
+    """Matched over the whole clip, the object goes to the slot that holds it most of the time (slot 1);
+    matched on the first frames (an open-loop test's history), to the slot that holds it there (slot 0)."""
+    from sim.env import FIRST_OBJECT_SEG_ID
+    from worldmodel.train_predictor import encode_clip_arrays
+
+    g, length, size = 2, 10, 8
+    seg = torch.zeros(g, length, size, size, dtype=torch.uint8)
+    seg[:, :, :4, :4] = FIRST_OBJECT_SEG_ID
+
+    def frames(i, j):
+        return {"rgb": torch.zeros(j - i, length, size, size, 3), "depth": torch.ones(j - i, length, size, size),
+                "intrinsics": torch.zeros(j - i, length, 3, 3), "cam_pose": torch.eye(4).expand(j - i, length, 4, 4),
+                "segmentation": seg[i:j]}
+
+    per_step = {"actions": np.zeros((g, length, 2)), "cam_pose": np.zeros((g, length, 4, 4)),
+                "object_poses": np.zeros((g, length, 1, 3))}
+    enc = _ScriptedSlots(switch=3)
+    whole = encode_clip_arrays(enc, frames, g, per_step, batch=1, seed=0)
+    history = encode_clip_arrays(enc, frames, g, per_step, batch=1, seed=0, match_frames=3)
+    np.testing.assert_array_equal(whole["slot_object"], [[-1, 0, -1]] * g)
+    np.testing.assert_array_equal(history["slot_object"], [[0, -1, -1]] * g)
+    with pytest.raises(ValueError, match="match_frames"):
+        encode_clip_arrays(enc, frames, g, per_step, batch=1, seed=0, match_frames=0)
