@@ -128,7 +128,9 @@ def main() -> None:
                  geometry_probe_median_err_m=m.get("probe_geometry_median_err_m"), ridge=m.get("probe_ridge"),
                  **common)
             emit(BENCH, "slot_identity_consistency", m["slot_identity_consistency"], "fraction", attention=mode,
-                 object_steps=m["identity_object_steps"], target=0.95, **common)
+                 object_steps=m["identity_object_steps"], target=0.95,
+                 lost_small_share=m["identity_lost_small_share"],
+                 lost_clip_start_share=m["identity_lost_clip_start_share"], **common)
         if args.quality_only:
             if args.figure:
                 print(f"# figure: {slot_figure(model, clips, Path(args.figure) / f'{cfg.rope}.png')}", flush=True)

@@ -23,6 +23,7 @@ from worldmodel.metrics import (
     fg_ari,
     fit_linear_probe_cv,
     identity_consistency,
+    identity_losses,
     match_objects,
 )
 
@@ -153,16 +154,18 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20,
     """fg_ari, slot_identity_consistency and the position probes (`probe_metrics`) from encoded clips;
     `probe_fit`: encoded clips of other episodes to fit the probe on."""
     aris, multi, purity, video, same, total = [], [], [], [], 0, 0
-    clip_matches = []
+    clip_matches, lost = [], {"off": 0, "small": 0, "start": 0}
     for clip in encoded:
         n_obj = clip["object_poses"].shape[1]
         seg_clip = clip["segmentation"]
         if (seg_clip >= FIRST_OBJECT_ID).any():  # SAVi's video FG-ARI: one labelling of the whole clip
             fg_clip = seg_clip >= FIRST_OBJECT_ID
             video.append(adjusted_rand_index(seg_clip[fg_clip], clip["masks"].argmax(1)[fg_clip]))
-        matches = []
+        matches, pixels = [], []
         for t in range(len(clip["masks"])):
             seg = clip["segmentation"][t]
+            ids, counts = np.unique(seg[seg >= FIRST_OBJECT_ID], return_counts=True)
+            pixels.append({int(i) - FIRST_OBJECT_ID: int(c) for i, c in zip(ids, counts)})
             a = fg_ari(clip["masks"][t], seg)
             if a is not None:
                 aris.append(a)
@@ -175,6 +178,7 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20,
         clip_matches.append(matches)
         s_, t_ = identity_consistency(matches)
         same, total = same + s_, total + t_
+        lost = {k: v + identity_losses(matches, pixels)[k] for k, v in lost.items()}
     result: dict[str, Any] = {
         "fg_ari": float(np.mean(aris)) if aris else None,
         "fg_ari_frames": len(aris),
@@ -185,6 +189,10 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20,
         "object_purity": float(np.mean(purity)) if purity else None,
         "slot_identity_consistency": same / total if total else None,
         "identity_object_steps": total,
+        # of the steps off an object's most frequent slot: the share on objects under 60 pixels, and the
+        # share before the object first sits in that slot (the clip's cold start)
+        "identity_lost_small_share": lost["small"] / lost["off"] if lost["off"] else None,
+        "identity_lost_clip_start_share": lost["start"] / lost["off"] if lost["off"] else None,
     }
     fit = matched_samples(probe_fit, min_pixels) if probe_fit else None
     return result | probe_metrics(matched_samples(encoded, min_pixels, clip_matches), fit)

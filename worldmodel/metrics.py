@@ -77,6 +77,29 @@ def identity_consistency(matches: list[dict[int, int]]) -> tuple[int, int]:
     return int(same), int(total)
 
 
+def identity_losses(matches: list[dict[int, int]], pixels: list[dict[int, int]], small_px: int = 60) -> dict[str, int]:
+    """Where one clip's identity is lost: the object steps off the object's most frequent slot
+    (`identity_consistency`'s complement), how many of them show the object with fewer than
+    `small_px` pixels, and how many come before the object first sits in its most frequent slot
+    (the clip's cold start: slots begin from noise on its first frame, and the object is handed on
+    once). matches: per frame, object -> slot; pixels: per frame, object -> its visible pixels."""
+    per_obj: dict[int, list[tuple[int, int]]] = {}
+    for t, m in enumerate(matches):
+        for o, s in m.items():
+            per_obj.setdefault(o, []).append((t, s))
+    off = small = start = 0
+    for o, steps in per_obj.items():
+        major = np.bincount([s for _, s in steps]).argmax()
+        settled = False
+        for t, s in steps:
+            settled = settled or s == major
+            if s != major:
+                off += 1
+                small += pixels[t].get(o, 0) < small_px
+                start += not settled
+    return {"off": off, "small": small, "start": start}
+
+
 def fit_linear_probe(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, huber_m: float | None = None,
                      iters: int = 20) -> np.ndarray:
     """Ridge regression weights W (D + 1, C) with a bias row: y ~ [x, 1] @ W. Features are standardised

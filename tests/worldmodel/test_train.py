@@ -21,6 +21,7 @@ from worldmodel.metrics import (
     fit_linear_probe,
     fit_linear_probe_cv,
     identity_consistency,
+    identity_losses,
     match_objects,
 )
 from worldmodel.train import load_encoder, train
@@ -174,6 +175,11 @@ def test_fg_ari_and_matching_on_masks():
     assert fg_ari(merged, seg) == pytest.approx(0.0)
     assert fg_ari(masks, np.zeros((4, 4), int)) is None
     assert identity_consistency([{0: 1, 1: 2}, {0: 1, 1: 0}, {0: 1}]) == (4, 5)
+    # object 0 starts in slot 1, settles in slot 2 (its most frequent), flickers back once, small then
+    matches = [{0: 1}, {0: 2}, {0: 2}, {0: 1, 1: 3}, {0: 2, 1: 3}]
+    pixels = [{0: 100}, {0: 100}, {0: 100}, {0: 30, 1: 80}, {0: 100, 1: 80}]
+    assert identity_losses(matches, pixels) == {"off": 2, "small": 1, "start": 1}
+    assert identity_losses(matches, pixels, small_px=10) == {"off": 2, "small": 0, "start": 1}
 
 
 def test_collected_segmentation_matches_the_objects(wm_dataset):
