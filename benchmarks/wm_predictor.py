@@ -1,7 +1,8 @@
 """World-model predictor figures on held-out episodes (issue: world model part 2).
 
     python benchmarks/wm_predictor.py [--checkpoint DIR [DIR ...]] [--quick]
-        [--counterfactual-seeds N] [--planning-episodes N] [--planning-seed S] [--planner KEY=VALUE ...]
+        [--match history|segment] [--eval-scale N] [--counterfactual-seeds N] [--planning-episodes N]
+        [--planning-seed S] [--planner KEY=VALUE ...]
 
 With no checkpoint it trains what is missing of the default chain, then measures: the encoder
 (`ego-train-wm stage=encoder`, collecting its data) into runs/wm_encoder, its centre head refitted on
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 episodes")
     parser.add_argument("--horizons", type=int, nargs="+", default=[2, 10, 30], help="env steps")
     parser.add_argument("--eval-root", default="data/wm_eval")
+    parser.add_argument("--eval-scale", type=int, default=1,
+                        help="held-out episodes of each source, times this (the same seeds onwards: a superset)")
     parser.add_argument("--min-pixels", type=int, default=20)
     parser.add_argument("--counterfactual-seeds", type=int, default=300,
                         help="scenes tried (seeds from 300 000); about 1 in 3 has the expert pushing from view")
@@ -117,6 +120,8 @@ def main() -> None:
     parser.add_argument("--patch-minutes", type=float, default=13.5,
                         help="its training budget (wall clock; the slot predictor's 4 000 steps take about this)")
     args = parser.parse_args()
+    if args.eval_scale < 1:
+        parser.error(f"--eval-scale must be >= 1; got {args.eval_scale}")
 
     import numpy as np
     import torch
@@ -146,13 +151,14 @@ def main() -> None:
         seg_len = (th - 1) * fs + horizons[-1] + 1
         encoder_dir = str(config.get("encoder"))
         match_frames = (th - 1) * fs + 1 if args.match == "history" else None
-        common = env | {"variant": variant_name(cfg), "match": args.match, "checkpoint": str(Path(ckpt)), "encoder": encoder_dir,
+        common = env | {"variant": variant_name(cfg), "match": args.match, "eval_scale": args.eval_scale,
+                        "checkpoint": str(Path(ckpt)), "encoder": encoder_dir,
                         "history_frames": th, "frameskip": fs, "parameters": sum(p.numel() for p in model.parameters())}
 
         if "open_loop" not in args.skip:
             open_key = f"{encoder_dir}|{seg_len}|{match_frames}"  # predictors of other windows need other segments
             if open_key not in open_cache:
-                paths = collect_eval_data(args.eval_root, default_eval_sources(quick))
+                paths = collect_eval_data(args.eval_root, default_eval_sources(quick, args.eval_scale))
                 open_cache[open_key] = encode_segments(load_encoder(encoder_dir), paths, seg_len, batch=8, seed=0,
                                                        device=torch.device("cpu"), progress=False,
                                                        match_frames=match_frames)
@@ -219,7 +225,7 @@ def measure_patch(args, config: dict, cache: dict, horizons: list[int], env: dic
     model = train_patch_jepa(encoder_dir, paths, args.patch, minutes=0.2 if args.quick else args.patch_minutes,
                              batch=4 if args.quick else 16, cfg=cfg, progress=False)
     seg_len = cache["features"].shape[1]
-    eval_paths = collect_eval_data(args.eval_root, default_eval_sources(args.quick))
+    eval_paths = collect_eval_data(args.eval_root, default_eval_sources(args.quick, args.eval_scale))
     patch_cache = encode_patch_segments(load_encoder(encoder_dir), eval_paths, seg_len)
     err, base = patch_rollout_errors(model, patch_cache, horizons, args.min_pixels)
     n_params = sum(p.numel() for p in model.parameters())
