@@ -16,8 +16,9 @@ figure carries field `variant` (from the checkpoint's config: full, no_masking, 
   in the slot the encoder gave it on the history (masks against the simulator's segmentation,
   Hungarian over the history frames; `--match segment`, the protocol before 2026-12-07, matches over
   the whole segment, future included: an object then goes to whichever slot holds it in most of
-  the next 3 s, which need not be the one the rollout starts from). Median over objects; `baseline_err_m`: the same objects predicted to stay where the
-  slot's centre estimate put them (a model that knows nothing of motion).
+  the next 3 s, which need not be the one the rollout starts from). Median over objects;
+  `baseline_err_m`: the same objects predicted to stay where the slot's centre estimate put them (a
+  model that knows nothing of motion). `--eval-scale N`: N times the held-out episodes.
 - `counterfactual_err_m`, fields `intervention` (factual, move, swap) and `horizon`: EgoPush-Single
   scenes where the expert is about to push the box, changed in the simulator before the same
   commands are replayed in the simulator and in the model (`worldmodel.counterfactual`); the error

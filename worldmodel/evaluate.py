@@ -178,7 +178,8 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20,
         clip_matches.append(matches)
         s_, t_ = identity_consistency(matches)
         same, total = same + s_, total + t_
-        lost = {k: v + identity_losses(matches, pixels)[k] for k, v in lost.items()}
+        clip_lost = identity_losses(matches, pixels)
+        lost = {k: v + clip_lost[k] for k, v in lost.items()}
     result: dict[str, Any] = {
         "fg_ari": float(np.mean(aris)) if aris else None,
         "fg_ari_frames": len(aris),

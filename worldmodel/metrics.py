@@ -63,17 +63,22 @@ def match_objects(masks: np.ndarray, segmentation: np.ndarray, n_objects: int, m
     return {objs[r]: int(c) for r, c in zip(rows, cols)}
 
 
+def _slots_per_object(matches: list[dict[int, int]]) -> dict[int, list[tuple[int, int]]]:
+    """Per-frame matches (object -> slot) regrouped per object: [(frame, slot), ...] in frame order."""
+    per_obj: dict[int, list[tuple[int, int]]] = {}
+    for t, m in enumerate(matches):
+        for o, s in m.items():
+            per_obj.setdefault(o, []).append((t, s))
+    return per_obj
+
+
 def identity_consistency(matches: list[dict[int, int]]) -> tuple[int, int]:
     """Over one clip's per-frame matches: (steps on which each object sits in its most frequent slot,
     steps on which it was matched at all), summed over objects."""
-    per_obj: dict[int, list[int]] = {}
-    for m in matches:
-        for o, s in m.items():
-            per_obj.setdefault(o, []).append(s)
     same = total = 0
-    for slots in per_obj.values():
-        same += np.bincount(slots).max()
-        total += len(slots)
+    for steps in _slots_per_object(matches).values():
+        same += np.bincount([s for _, s in steps]).max()
+        total += len(steps)
     return int(same), int(total)
 
 
@@ -83,12 +88,8 @@ def identity_losses(matches: list[dict[int, int]], pixels: list[dict[int, int]],
     `small_px` pixels, and how many come before the object first sits in its most frequent slot
     (the clip's cold start: slots begin from noise on its first frame, and the object is handed on
     once). matches: per frame, object -> slot; pixels: per frame, object -> its visible pixels."""
-    per_obj: dict[int, list[tuple[int, int]]] = {}
-    for t, m in enumerate(matches):
-        for o, s in m.items():
-            per_obj.setdefault(o, []).append((t, s))
     off = small = start = 0
-    for o, steps in per_obj.items():
+    for o, steps in _slots_per_object(matches).items():
         major = np.bincount([s for _, s in steps]).argmax()
         settled = False
         for t, s in steps:
