@@ -169,11 +169,10 @@ def slot_metrics(encoded: list[dict[str, Any]], min_pixels: int = 20,
             a = fg_ari(clip["masks"][t], seg)
             if a is not None:
                 aris.append(a)
-                objs = np.unique(seg[seg >= FIRST_OBJECT_ID])
-                if len(objs) > 1:
+                if len(ids) > 1:
                     multi.append(a)
                 won = clip["masks"][t].argmax(0)
-                purity += [np.bincount(won[seg == o]).max() / (seg == o).sum() for o in objs]
+                purity += [np.bincount(won[seg == o]).max() / c for o, c in zip(ids, counts)]
             matches.append(match_objects(clip["masks"][t], seg, n_obj, min_pixels))
         clip_matches.append(matches)
         s_, t_ = identity_consistency(matches)
