@@ -18,7 +18,10 @@ figure carries field `variant` (from the checkpoint's config: full, no_masking, 
   the whole segment, future included: an object then goes to whichever slot holds it in most of
   the next 3 s, which need not be the one the rollout starts from). Median over objects;
   `baseline_err_m`: the same objects predicted to stay where the slot's centre estimate put them (a
-  model that knows nothing of motion). `--eval-scale N`: N times the held-out episodes.
+  model that knows nothing of motion). `--eval-scale N`: N times the held-out episodes. Fields
+  `moved_err_m` / `moved_baseline_err_m` / `moved_objects`: the same over the objects the simulator
+  moved at least `--moved-m` (2 cm) over the horizon, `static_*` over the rest (in random
+  exploration most objects stand still, and there standing still is hard to beat).
 - `counterfactual_err_m`, fields `intervention` (factual, move, swap) and `horizon`: EgoPush-Single
   scenes where the expert is about to push the box, changed in the simulator before the same
   commands are replayed in the simulator and in the model (`worldmodel.counterfactual`); the error
@@ -103,6 +106,9 @@ def main() -> None:
     parser.add_argument("--eval-scale", type=int, default=1,
                         help="held-out episodes of each source, times this (the same seeds onwards: a superset)")
     parser.add_argument("--min-pixels", type=int, default=20)
+    parser.add_argument("--moved-m", type=float, default=0.02,
+                        help="an object the simulator moved at least this far over a horizon counts in moved_*, "
+                             "the rest in static_*")
     parser.add_argument("--counterfactual-seeds", type=int, default=300,
                         help="scenes tried (seeds from 300 000); about 1 in 3 has the expert pushing from view")
     parser.add_argument("--planning-episodes", type=int, default=50)
@@ -170,6 +176,7 @@ def main() -> None:
                 emit(BENCH, "pos_err_m", float(np.median(e)) if len(e) else None, "m", horizon=h,
                      mean_err_m=float(np.mean(e)) if len(e) else None,
                      baseline_err_m=float(np.median(b)) if len(b) else None, objects=len(e),
+                     **split_fields(errs, h, args.moved_m),
                      segments=len(cache["features"]), target=TARGETS.get(("pos_err_m", h)), **common)
 
         if "counterfactual" not in args.skip:
@@ -186,7 +193,7 @@ def main() -> None:
                     emit(BENCH, "counterfactual_err_m", float(np.median(e)) if len(e) else None, "m", horizon=h,
                          intervention=name, mean_err_m=float(np.mean(e)) if len(e) else None,
                          baseline_err_m=float(np.median(b)) if len(b) else None, objects=len(e),
-                         scenes=len(record["seeds"]), scenes_tried=cf_seeds, **common)
+                         **split_fields(errs, h, args.moved_m), scenes=len(record["seeds"]), scenes_tried=cf_seeds, **common)
 
         if args.patch and ckpt_i == 0 and "open_loop" not in args.skip:
             measure_patch(args, config, open_cache[open_key], horizons, env)
@@ -206,6 +213,12 @@ def main() -> None:
                  target=0.80, planner=planner_kw, **plan_common)
             emit(BENCH, "planning_s_per_replan", replan_seconds(ckpt, planner_kw, 10 if quick else 60), "s",
                  threads=1, target=0.5, planner=planner_kw, **plan_common)
+
+
+def split_fields(errs, h: int, moved_m: float) -> dict:
+    """`moved_*` / `static_*` figure fields: the objects the simulator moved at least `moved_m` over the
+    horizon, and the rest (`RolloutErrors.split`)."""
+    return {f"{part}_{k}": v for part, d in errs.split(h, moved_m).items() for k, v in d.items()} | {"moved_m": moved_m}
 
 
 def measure_patch(args, config: dict, cache: dict, horizons: list[int], env: dict) -> None:

@@ -37,10 +37,23 @@ FRAME_KEYS = ("rgb", "depth", "intrinsics", "cam_pose", "proprio", "segmentation
 @dataclass
 class RolloutErrors:
     """Per horizon (env steps): position errors (m) of the model and of the stay-still baseline, one
-    entry per object seen at the last history frame."""
+    entry per object seen at the last history frame, and how far the simulator moved that object over
+    the horizon (`moved`, m: how much there was to predict)."""
 
     model: dict[int, np.ndarray]
     still: dict[int, np.ndarray]
+    moved: dict[int, np.ndarray]
+
+    def split(self, h: int, min_moved_m: float) -> dict[str, dict[str, Any]]:
+        """At horizon h, the medians over the objects the simulator moved at least `min_moved_m`
+        ("moved") and over the rest ("static"): {part: {objects, err_m, baseline_err_m}}."""
+        out = {}
+        moved = self.moved[h] >= min_moved_m
+        for part, keep in (("moved", moved), ("static", ~moved)):
+            n = int(keep.sum())
+            out[part] = {"objects": n, "err_m": float(np.median(self.model[h][keep])) if n else None,
+                         "baseline_err_m": float(np.median(self.still[h][keep])) if n else None}
+        return out
 
 
 def rollout_errors(model: torch.nn.Module, cache: dict[str, np.ndarray], horizons: list[int],
@@ -74,6 +87,7 @@ def rollout_errors(model: torch.nn.Module, cache: dict[str, np.ndarray], horizon
     still = cache["features"][:, last, :, -5:-3]
     out_model: dict[int, list[float]] = {h: [] for h in horizons}
     out_still: dict[int, list[float]] = {h: [] for h in horizons}
+    out_moved: dict[int, list[float]] = {h: [] for h in horizons}
     for s in range(g):
         for k, o in enumerate(cache["slot_object"][s]):
             if o < 0 or cache["object_pixels"][s, last, o] < min_pixels:
@@ -85,8 +99,9 @@ def rollout_errors(model: torch.nn.Module, cache: dict[str, np.ndarray], horizon
                 if np.isfinite(true).all():
                     out_model[h].append(float(np.linalg.norm(pred[s, h // fs - 1, k] - true)))
                     out_still[h].append(float(np.linalg.norm(still[s, k] - true)))
-    return RolloutErrors(model={h: np.asarray(v) for h, v in out_model.items()},
-                         still={h: np.asarray(v) for h, v in out_still.items()})
+                    out_moved[h].append(float(np.linalg.norm(cache["object_poses"][s, last, o, :2] - true)))
+    as_arrays = lambda d: {h: np.asarray(v) for h, v in d.items()}
+    return RolloutErrors(model=as_arrays(out_model), still=as_arrays(out_still), moved=as_arrays(out_moved))
 
 
 # ---------------------------------------------------------------------------- counterfactual segments

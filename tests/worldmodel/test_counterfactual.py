@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from sim.env import EgoPushEnv
-from worldmodel.counterfactual import VARIANTS, encode_counterfactuals, record_counterfactuals, rollout_errors
+from worldmodel.counterfactual import (
+    VARIANTS,
+    RolloutErrors,
+    encode_counterfactuals,
+    record_counterfactuals,
+    rollout_errors,
+)
 from worldmodel.train import load_encoder
 from worldmodel.train_predictor import load_predictor
 
@@ -73,11 +79,23 @@ def test_rollout_errors_follow_the_chosen_objects(record, world_model):
     none = rollout_errors(model, cache, [2, 8], min_pixels=0, objects=np.full((g, 2), -1))
     assert len(none.model[8]) == 0 and 0 < len(chosen.model[8]) <= len(everything.model[8])
     assert len(chosen.model[2]) == len(chosen.still[2]) and np.isfinite(chosen.model[8]).all()
+    assert len(everything.moved[8]) == len(everything.model[8]) and (everything.moved[8] >= 0).all()
+    parts = everything.split(8, 0.02)
+    assert parts["moved"]["objects"] + parts["static"]["objects"] == len(everything.model[8])
     with pytest.raises(ValueError, match="whole predictor frames"):
         rollout_errors(model, cache, [3])
     with pytest.raises(ValueError, match="too short"):
         rollout_errors(model, cache, [40])
     torch.manual_seed(0)
+
+
+def test_rollout_errors_split_by_how_far_the_simulator_moved_each_object():
+    errs = RolloutErrors(model={10: np.array([0.01, 0.02, 0.10, 0.30])}, still={10: np.array([0.00, 0.01, 0.20, 0.50])},
+                         moved={10: np.array([0.0, 0.019, 0.02, 0.4])})
+    parts = errs.split(10, 0.02)
+    assert parts["moved"] == {"objects": 2, "err_m": pytest.approx(0.20), "baseline_err_m": pytest.approx(0.35)}
+    assert parts["static"] == {"objects": 2, "err_m": pytest.approx(0.015), "baseline_err_m": pytest.approx(0.005)}
+    assert errs.split(10, 1.0)["moved"] == {"objects": 0, "err_m": None, "baseline_err_m": None}
 
 
 class _ScriptedSlots(torch.nn.Module):
