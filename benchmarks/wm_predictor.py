@@ -121,6 +121,8 @@ def main() -> None:
                         help="frames the objects are matched to slots on: the history the rollout starts from, or "
                              "the whole segment (the protocol before 2026-12-07)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["open_loop", "counterfactual", "planning"])
+    parser.add_argument("--figure", default=None,
+                        help="write a PNG here: open-loop error against the horizon per checkpoint, moved and static objects")
     parser.add_argument("--patch", default=None,
                         help="also measure the patch-token JEPA ablation in this directory (open loop); trained there "
                              "first, on the first checkpoint's encoder and data, when it holds no model")
@@ -148,6 +150,7 @@ def main() -> None:
         planner_kw = {"samples": 16, "iterations": 2, "elites": 4} | planner_kw
 
     open_cache: dict[str, dict] = {}  # per encoder
+    curves: dict[str, tuple] = {}  # label -> (encoder, RolloutErrors at every frame), for --figure
     cf_cache: dict[str, dict] = {}
     record = None
     for ckpt_i, ckpt in enumerate(checkpoints):
@@ -171,6 +174,9 @@ def main() -> None:
                                                        match_frames=match_frames)
             cache = open_cache[open_key]
             errs = rollout_errors(model, cache, horizons, args.min_pixels)
+            if args.figure:  # every predictor frame up to the last horizon
+                curves[f"{variant_name(cfg)} ({Path(ckpt).name})"] = (encoder_dir, rollout_errors(
+                    model, cache, list(range(fs, horizons[-1] + 1, fs)), args.min_pixels))
             for h in horizons:
                 e, b = errs.model[h], errs.still[h]
                 emit(BENCH, "pos_err_m", float(np.median(e)) if len(e) else None, "m", horizon=h,
@@ -213,6 +219,49 @@ def main() -> None:
                  target=0.80, planner=planner_kw, **plan_common)
             emit(BENCH, "planning_s_per_replan", replan_seconds(ckpt, planner_kw, 10 if quick else 60), "s",
                  threads=1, target=0.5, planner=planner_kw, **plan_common)
+    if curves:
+        print(f"# figure: {error_curves_figure(curves, args.moved_m, Path(args.figure))}", flush=True)
+
+
+def error_curves_figure(curves: dict[str, tuple], moved_m: float, path: Path) -> Path:
+    """A PNG of the open-loop median position error against the horizon, one line per checkpoint and a
+    dashed "stay still" line per encoder; one panel for the objects the simulator moved at least
+    `moved_m` over the horizon, one for the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    encoders_drawn = set()
+    for label, (encoder, errs) in curves.items():
+        hs = sorted(errs.model)
+        for ax, part in zip(axes, ("moved", "static")):
+            parts = [errs.split(h, moved_m)[part] for h in hs]
+            t = [h / 10 for h in hs]  # env steps are 0.1 s
+            ax.plot(t, [p["err_m"] if p["err_m"] is not None else np.nan for p in parts], marker="o", ms=3, label=label)
+            if encoder not in encoders_drawn:
+                name = "stay still" if len({e for e, _ in curves.values()}) == 1 else f"stay still ({Path(encoder).name})"
+                ax.plot(t, [p["baseline_err_m"] if p["baseline_err_m"] is not None else np.nan for p in parts], "k--",
+                        lw=1, label=name)
+        encoders_drawn.add(encoder)
+    last = max(max(e.model) for _, e in curves.values())
+    for ax, part in zip(axes, ("moved", "static")):
+        n = next(iter(curves.values()))[1].split(last, moved_m)[part]["objects"]
+        what = f">= {moved_m * 100:g} cm" if part == "moved" else f"< {moved_m * 100:g} cm"
+        ax.set_title(f"objects the simulator moved {what} ({n} at {last / 10:g} s)")
+        ax.set_xlabel("horizon (s)")
+        ax.set_ylabel("median planar position error (m)")
+        ax.grid(alpha=0.3)
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle("open loop, objects followed in the slot the encoder gave them on the history")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def split_fields(errs, h: int, moved_m: float) -> dict:

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_wm_predictor_bench_splits_moved_and_static_objects(world_model, tmp_path):
     _, pred_dir = world_model
-    run = subprocess.run([sys.executable, "benchmarks/wm_predictor.py", "--quick", "--checkpoint", str(pred_dir),
-                          "--skip", "planning", "counterfactual", "--horizons", "2", "10",
-                          "--eval-root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+    args = ["--quick", "--checkpoint", str(pred_dir), "--skip", "planning", "counterfactual", "--horizons", "2", "10",
+            "--figure", str(tmp_path / "curves.png"), "--eval-root", str(tmp_path)]
+    run = subprocess.run([sys.executable, "benchmarks/wm_predictor.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
                          check=False, env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")})
     assert run.returncode == 0, run.stderr[-3000:]
     figures = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -28,3 +28,5 @@ def test_wm_predictor_bench_splits_moved_and_static_objects(world_model, tmp_pat
         assert f["match"] == "history" and f["variant"]
     # random exploration: over 2 steps (0.2 s) most seen objects stand still
     assert open_loop[0]["objects"] > 0 and open_loop[0]["static_objects"] > 0
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert f"# figure: {tmp_path / 'curves.png'}" in run.stdout
