@@ -33,6 +33,9 @@ figure carries field `variant` (from the checkpoint's config: full, no_masking, 
   predictor was trained on (e.g. the same encoder with its centre head refitted, `stage=center`);
   the figures then carry `encoder` (the one planned with) and `predictor_encoder`.
 
+`--pairs off` rolls every predictor out (and plans) with its slot-on-slot interactions switched off,
+the same weights: only the robot moves objects (field `pairs`).
+
 --quick: tiny models and data, 2 episodes: proves the path works, not the targets.
 """
 
@@ -121,6 +124,9 @@ def main() -> None:
                         help="frames the objects are matched to slots on: the history the rollout starts from, or "
                              "the whole segment (the protocol before 2026-12-07)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["open_loop", "counterfactual", "planning"])
+    parser.add_argument("--pairs", choices=["as-trained", "off"], default="as-trained",
+                        help="off: every predictor rolls out with its slot-on-slot interactions off (only the robot "
+                             "moves objects), the planner too; field `pairs`")
     parser.add_argument("--figure", default=None,
                         help="write a PNG here: open-loop error against the horizon per checkpoint, moved and static objects")
     parser.add_argument("--patch", default=None,
@@ -146,6 +152,9 @@ def main() -> None:
     cf_seeds = 12 if quick else args.counterfactual_seeds
     env = machine() | {"torch": torch.__version__, "quick": quick}
     planner_kw = parse_overrides(args.planner)
+    model_overrides = {"pairs": False} if args.pairs == "off" else None
+    if model_overrides:
+        planner_kw = {"pairs": False} | planner_kw
     if quick:
         planner_kw = {"samples": 16, "iterations": 2, "elites": 4} | planner_kw
 
@@ -154,14 +163,14 @@ def main() -> None:
     cf_cache: dict[str, dict] = {}
     record = None
     for ckpt_i, ckpt in enumerate(checkpoints):
-        model, config = load_predictor(ckpt, with_config=True)
+        model, config = load_predictor(ckpt, with_config=True, overrides=model_overrides)
         cfg = model.cfg
         fs, th = cfg.frameskip, cfg.history
         horizons = sorted({max(fs, -(-h // fs) * fs) for h in args.horizons})  # whole predictor frames
         seg_len = (th - 1) * fs + horizons[-1] + 1
         encoder_dir = str(config.get("encoder"))
         match_frames = (th - 1) * fs + 1 if args.match == "history" else None
-        common = env | {"variant": variant_name(cfg), "match": args.match, "eval_scale": args.eval_scale,
+        common = env | {"variant": variant_name(cfg), "pairs": cfg.pairs, "match": args.match, "eval_scale": args.eval_scale,
                         "checkpoint": str(Path(ckpt)), "encoder": encoder_dir,
                         "history_frames": th, "frameskip": fs, "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -175,7 +184,8 @@ def main() -> None:
             cache = open_cache[open_key]
             errs = rollout_errors(model, cache, horizons, args.min_pixels)
             if args.figure:  # every predictor frame up to the last horizon
-                curves[f"{variant_name(cfg)} ({Path(ckpt).name})"] = (encoder_dir, rollout_errors(
+                label = f"{variant_name(cfg)}{'' if cfg.pairs else ', pairs off'} ({Path(ckpt).name})"
+                curves[label] = (encoder_dir, rollout_errors(
                     model, cache, list(range(fs, horizons[-1] + 1, fs)), args.min_pixels))
             for h in horizons:
                 e, b = errs.model[h], errs.still[h]

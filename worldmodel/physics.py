@@ -186,9 +186,9 @@ class InteractionDynamics(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dt: float, *, gates: bool = True, quasi_static: bool = True,
                  accel_max: tuple[float, float] = (2.0, 40.0),
-                 contact_range: tuple[float, float] | None = (ROBOT_CONTACT_M, PAIR_REACH_M)) -> None:
+                 contact_range: tuple[float, float] | None = (ROBOT_CONTACT_M, PAIR_REACH_M), pairs: bool = True) -> None:
         super().__init__()
-        self.dt, self.gates, self.quasi_static = dt, gates, quasi_static
+        self.dt, self.gates, self.quasi_static, self.pairs = dt, gates, quasi_static, pairs
         self.contact_range = contact_range
         self.accel_max = accel_max
         self.pair_k = nn.Linear(dim, hidden)
@@ -227,6 +227,8 @@ class InteractionDynamics(nn.Module):
         gate = gate.masked_fill(eye, 0.0)
         # an effect "along" pushes k away from j (negative u), like a contact force
         pair_acc = torch.cat([-out[..., 1:2] * u + out[..., 2:3] * u_perp, out[..., 3:4]], -1)
+        if not self.pairs:  # only the robot acts on slots (its weights are kept: a switch at rollout time)
+            gate = torch.zeros_like(gate)
         acc = (gate.unsqueeze(-1) * pair_acc).sum(2)
 
         # the robot on each slot, in the robot's frame (x forward, y left)

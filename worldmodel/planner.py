@@ -673,11 +673,12 @@ class LatentPlanner:
 def make_latent_planner(predictor: str | None = None, encoder: str | None = None, goal: str = "state",
                         device: str = "cpu", checkpoint: str | None = None, threads: int = 0,
                         track: bool = True, phases: bool = True, settle_steps: int = 8,
-                        settle_m: float = 0.10, **planner: Any) -> LatentPlanner:
+                        settle_m: float = 0.10, pairs: bool | None = None, **planner: Any) -> LatentPlanner:
     """A `LatentPlanner` from checkpoint directories (a Hydra `_target_` for sim's evaluation and viewer);
     the encoder defaults to the one the predictor was trained on. `checkpoint` is another name for
     `predictor` (the key `ego-view` checks for existence before building a controller). `threads` > 0
-    sets torch's threads (one per evaluation worker)."""
+    sets torch's threads (one per evaluation worker). `pairs=False` plans with the predictor's
+    slot-on-slot interactions off (only the robot moves objects: one box, as in EgoPush-Single)."""
     from pathlib import Path
 
     from worldmodel.train import load_encoder
@@ -690,7 +691,8 @@ def make_latent_planner(predictor: str | None = None, encoder: str | None = None
         raise ValueError("make_latent_planner needs the predictor checkpoint directory (predictor=... or checkpoint=...)")
     if threads > 0:
         torch.set_num_threads(threads)
-    model, config = load_predictor(predictor, device, with_config=True)
+    model, config = load_predictor(predictor, device, with_config=True,
+                                   overrides=None if pairs is None else {"pairs": bool(pairs)})
     encoder = encoder or config.get("encoder")
     if not encoder or not Path(encoder).exists():
         raise ValueError(f"the predictor {predictor} was trained on the encoder {encoder!r}, which does not exist "

@@ -79,6 +79,9 @@ class PredictorConfig:
     gates: bool = True  # interaction gates between slots and from the robot (False: every gate is 1)
     quasi_static: bool = True  # an untouched slot loses its velocity (needs gates)
     contact: bool = True  # gates close out of contact reach (physics.ROBOT_CONTACT_M, PAIR_REACH_M)
+    # slot-on-slot interactions; False: only the robot acts on slots (a scene with one pushable object, as
+    # EgoPush-Single). A switch that keeps the weights: `load_predictor(..., overrides={"pairs": False})`
+    pairs: bool = True
     accel_max: float = 2.0  # m/s^2 bound of the tanh; 0 = unbounded
     accel_max_angular: float = 40.0  # rad/s^2 of phi = 4 yaw
     constant_appearance: bool = True  # the appearance part is carried unchanged
@@ -261,7 +264,7 @@ class CausalJEPAPredictor(nn.Module):
             self.dynamics: nn.Module = InteractionDynamics(
                 d, cfg.interaction_hidden, cfg.dt, gates=cfg.gates, quasi_static=cfg.quasi_static,
                 accel_max=(cfg.accel_max, cfg.accel_max_angular),
-                contact_range=(ROBOT_CONTACT_M, PAIR_REACH_M) if cfg.contact else None)
+                contact_range=(ROBOT_CONTACT_M, PAIR_REACH_M) if cfg.contact else None, pairs=cfg.pairs)
         else:
             self.dynamics = FreeDynamics(d, cfg.interaction_hidden)
         self.appearance_head = None

@@ -342,12 +342,20 @@ def _resume_state(out: Path, cfg: Any, mcfg: PredictorConfig) -> dict[str, Any] 
             "train_state": torch.load(out / "train_state.pt", weights_only=False)}
 
 
-def load_predictor(directory: str | Path, device: str | torch.device = "cpu", with_config: bool = False):
-    """A `CausalJEPAPredictor` from a checkpoint directory, in eval mode (and its config.yaml as a dict)."""
+ROLLOUT_SWITCHES = ("pairs",)  # PredictorConfig fields that may differ from training's (same weights)
+
+
+def load_predictor(directory: str | Path, device: str | torch.device = "cpu", with_config: bool = False,
+                   overrides: dict[str, Any] | None = None):
+    """A `CausalJEPAPredictor` from a checkpoint directory, in eval mode (and its config.yaml as a dict).
+    `overrides`: `ROLLOUT_SWITCHES` set otherwise than in training, e.g. {"pairs": False}."""
     config, weights, stats = read_checkpoint(directory)
     if config.get("stage") != "predictor" or "model" not in config.get("predictor", {}):
         raise ValueError(f"{directory} is not a predictor checkpoint (stage {config.get('stage')!r})")
-    model = CausalJEPAPredictor(PredictorConfig(**config["predictor"]["model"]), stats)
+    bad = sorted(set(overrides or {}) - set(ROLLOUT_SWITCHES))
+    if bad:
+        raise ValueError(f"only {list(ROLLOUT_SWITCHES)} can be changed on a trained predictor; got {bad}")
+    model = CausalJEPAPredictor(PredictorConfig(**(config["predictor"]["model"] | dict(overrides or {}))), stats)
     load_state_strict(model, weights, directory)
     model = model.to(device).eval()
     return (model, config) if with_config else model

@@ -156,6 +156,40 @@ def test_contact_reach_closes_the_gates_of_far_slots():
     assert (new[0, 2, :2] - phys[0, 2, :2]).norm() > 1e-3
 
 
+def test_pairs_off_leaves_only_the_robot_acting():
+    """With `pairs=False` (the same weights) the slot next to a pushed slot stays; the pushed one still moves."""
+    torch.manual_seed(0)
+    dyn = InteractionDynamics(16, 8, dt=0.2, contact_range=(0.02, 0.20))
+    with torch.no_grad():
+        for head in (dyn.pair_out, dyn.robot_out):
+            head[-1].weight.zero_()
+            head[-1].bias[:] = torch.tensor([30.0, 1.0, 0.5, 0.3])
+    robot = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.2, 0.0]])
+    # slot 0 just ahead of the pusher; slot 1 beside it, out of the robot's reach but in slot 0's
+    phys = torch.tensor([[[0.12, 0.0, 0.0, 0.0, 0.0, 0.0], [0.12, 0.19, 0.0, 0.0, 0.0, 0.0]]])
+    h = torch.randn(1, 2, 16)
+    alone = InteractionDynamics(16, 8, dt=0.2, contact_range=(0.02, 0.20), pairs=False)
+    alone.load_state_dict(dyn.state_dict())
+    new, info = dyn(phys, h, robot)
+    new_alone, info_alone = alone(phys, h, robot)
+    assert info["gate"][0, 1, 0] > 0.5 and info_alone["gate"].abs().max() == 0
+    assert (new[0, 1, :2] - phys[0, 1, :2]).norm() > 1e-3  # pushed by slot 0
+    assert (new_alone[0, 1, :3] - phys[0, 1, :3]).abs().max() < 1e-4  # out of the robot's reach: stays
+    assert (new_alone[0, 0, :2] - phys[0, 0, :2]).norm() > 1e-3
+    torch.testing.assert_close(info_alone["robot_gate"], info["robot_gate"])
+
+
+def test_load_predictor_switches_pairs_and_refuses_other_overrides(world_model):
+    from worldmodel.train_predictor import load_predictor
+
+    _, pred_dir = world_model
+    assert load_predictor(pred_dir).dynamics.pairs
+    model = load_predictor(pred_dir, overrides={"pairs": False})
+    assert not model.cfg.pairs and not model.dynamics.pairs
+    with pytest.raises(ValueError, match="only \\['pairs'\\] can be changed"):
+        load_predictor(pred_dir, overrides={"num_slots": 3})
+
+
 def test_probe_position_is_the_encoder_centre_without_offset():
     from worldmodel.physics import PhysicalProbe
 
