@@ -181,7 +181,8 @@ class InteractionDynamics(nn.Module):
     same push gives the same result wherever it happens. With `gates` off, every gate is 1.
     `contact_range` (robot contact margin, pair reach in metres; None = no cut-off) multiplies each
     gate by sigmoid((reach - distance) / REACH_SOFTNESS_M), the robot's distance measured from the
-    slot's centre to its footprint `ROBOT_FOOTPRINT_M`: out of reach, nothing acts.
+    slot's centre to its footprint `ROBOT_FOOTPRINT_M`: out of reach, nothing acts. With `pairs` off
+    every g_kj is 0: only the robot acts (one pushable object; a switch that keeps the weights).
     """
 
     def __init__(self, dim: int, hidden: int, dt: float, *, gates: bool = True, quasi_static: bool = True,
