@@ -182,11 +182,11 @@ def main() -> None:
                                                        device=torch.device("cpu"), progress=False,
                                                        match_frames=match_frames)
             cache = open_cache[open_key]
-            errs = rollout_errors(model, cache, horizons, args.min_pixels)
-            if args.figure:  # every predictor frame up to the last horizon
-                label = f"{variant_name(cfg)}{'' if cfg.pairs else ', pairs off'} ({Path(ckpt).name})"
-                curves[label] = (encoder_dir, rollout_errors(
-                    model, cache, list(range(fs, horizons[-1] + 1, fs)), args.min_pixels))
+            # --figure: at every predictor frame up to the last horizon (the horizons among them), in one pass
+            frames = list(range(fs, horizons[-1] + 1, fs)) if args.figure else horizons
+            errs = rollout_errors(model, cache, frames, args.min_pixels)
+            if args.figure:
+                curves[f"{variant_name(cfg)}{'' if cfg.pairs else ', pairs off'} ({Path(ckpt).name})"] = (encoder_dir, errs)
             for h in horizons:
                 e, b = errs.model[h], errs.still[h]
                 emit(BENCH, "pos_err_m", float(np.median(e)) if len(e) else None, "m", horizon=h,
