@@ -15,6 +15,7 @@ import json
 import numpy as np
 import torch
 
+from worldmodel.counterfactual import open_loop_positions
 from worldmodel.evaluate import collect_eval_data, default_eval_sources
 from worldmodel.train import load_encoder
 from worldmodel.train_predictor import encode_segments, load_predictor
@@ -31,24 +32,16 @@ def main() -> None:
     torch.set_num_threads(2)
     overrides = {"pairs": False} if args.pairs == "off" else None
     first, config = load_predictor(args.checkpoints[0], with_config=True)
-    fs, th = first.cfg.frameskip, first.cfg.history
-    hist = np.arange(th) * fs
-    last = hist[-1]
+    fs = first.cfg.frameskip
+    last = (first.cfg.history - 1) * fs
     paths = collect_eval_data(args.eval_root, default_eval_sources(False, 4))
     cache = encode_segments(load_encoder(str(config["encoder"])), paths, last + HORIZON + 1, batch=8, seed=0,
                             device=torch.device("cpu"), progress=False, match_frames=last + 1)
-    acts, poses = cache["actions"], cache["object_poses"]
-    past = np.stack([acts[:, hist[t] - fs + np.arange(fs)] for t in range(1, th)], 1)
-    tens = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    poses = cache["object_poses"]
     camera_xy = cache["cam_pose"][:, :, :2, 3]
     for ckpt in args.checkpoints:
         model = load_predictor(ckpt, overrides=overrides)
-        with torch.no_grad():
-            roll = model.rollout(tens(cache["features"][:, hist]), tens(acts[:, last:last + HORIZON][:, None]),
-                                 cam_pose=tens(cache["cam_pose"][:, hist]),
-                                 proprio=tens(cache["proprio"][:, hist]) if "proprio" in cache else None,
-                                 past_actions=tens(past))
-        pred = roll.positions[:, 0, HORIZON // fs - 1].numpy()  # (G, K, 2)
+        pred = open_loop_positions(model, cache, HORIZON)[0][:, HORIZON // fs - 1]  # (G, K, 2)
         start_est = cache["features"][:, last, :, -5:-3]
         rows = []
         for g in range(len(pred)):

@@ -56,6 +56,29 @@ class RolloutErrors:
         return out
 
 
+def open_loop_positions(model: torch.nn.Module, cache: dict[str, np.ndarray], horizon: int) -> tuple[np.ndarray, int]:
+    """Every cached segment's recorded commands rolled out open loop for `horizon` env steps from its
+    first `history` frames (`frameskip` steps apart) -> predicted planar slot positions (G, H, K, 2), one
+    per predictor frame, and the segment step of the last history frame."""
+    cfg = model.cfg
+    fs, th = cfg.frameskip, cfg.history
+    length = cache["features"].shape[1]
+    hist = np.arange(th) * fs
+    last = int(hist[-1])
+    if last + horizon >= length:
+        raise ValueError(f"segments of {length} steps are too short for {th} history frames and a "
+                         f"{horizon}-step horizon")
+    acts = cache["actions"]
+    past = np.stack([acts[:, hist[t] - fs + np.arange(fs)] for t in range(1, th)], 1)  # (G, Th-1, s, 2)
+    future = acts[:, last:last + horizon][:, None]  # (G, 1, L, 2)
+    tens = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    with torch.no_grad():
+        roll = model.rollout(tens(cache["features"][:, hist]), tens(future), cam_pose=tens(cache["cam_pose"][:, hist]),
+                             proprio=tens(cache["proprio"][:, hist]) if "proprio" in cache else None,
+                             past_actions=tens(past))
+    return roll.positions[:, 0].numpy(), last
+
+
 def rollout_errors(model: torch.nn.Module, cache: dict[str, np.ndarray], horizons: list[int],
                    min_pixels: int = 20, objects: np.ndarray | None = None) -> RolloutErrors:
     """Roll every cached segment's recorded commands out open loop from its first `history` frames
@@ -66,24 +89,11 @@ def rollout_errors(model: torch.nn.Module, cache: dict[str, np.ndarray], horizon
     whole number of predictor frames. objects (G, J): only these object indices (-1 = none) count.
     The baseline predicts that each object stays where its slot's centre estimate put it."""
     cfg = model.cfg
-    fs, th = cfg.frameskip, cfg.history
+    fs = cfg.frameskip
     if any(h < fs or h % fs for h in horizons):
         raise ValueError(f"horizons must be whole predictor frames of {fs} env steps; got {horizons}")
-    g, length = cache["features"].shape[:2]
-    hist = np.arange(th) * fs
-    last = hist[-1]
-    if last + max(horizons) >= length:
-        raise ValueError(f"segments of {length} steps are too short for {th} history frames and a "
-                         f"{max(horizons)}-step horizon")
-    acts = cache["actions"]
-    past = np.stack([acts[:, hist[t] - fs + np.arange(fs)] for t in range(1, th)], 1)  # (G, Th-1, s, 2)
-    future = acts[:, last:last + max(horizons)][:, None]  # (G, 1, L, 2)
-    tens = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-    with torch.no_grad():
-        roll = model.rollout(tens(cache["features"][:, hist]), tens(future), cam_pose=tens(cache["cam_pose"][:, hist]),
-                             proprio=tens(cache["proprio"][:, hist]) if "proprio" in cache else None,
-                             past_actions=tens(past))
-    pred = roll.positions[:, 0].numpy()  # (G, H, K, 2)
+    g = cache["features"].shape[0]
+    pred, last = open_loop_positions(model, cache, max(horizons))
     still = cache["features"][:, last, :, -5:-3]
     out_model: dict[int, list[float]] = {h: [] for h in horizons}
     out_still: dict[int, list[float]] = {h: [] for h in horizons}
