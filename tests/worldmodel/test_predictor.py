@@ -105,6 +105,14 @@ def _closed_gates(dyn: InteractionDynamics) -> None:
             head[-1].bias[0] = -60.0  # sigmoid(-60) ~ 1e-26
 
 
+def _open_gates(dyn: InteractionDynamics) -> None:
+    """Every gate wide open (before the contact cut-off), the same strong effect from every head."""
+    with torch.no_grad():
+        for head in (dyn.pair_out, dyn.robot_out):
+            head[-1].weight.zero_()
+            head[-1].bias[:] = torch.tensor([30.0, 1.0, 0.5, 0.3])
+
+
 def test_untouched_slots_keep_position_and_lose_velocity():
     torch.manual_seed(0)
     phys = torch.tensor([[[0.5, 0.2, 0.3, 0.1, -0.1, 1.0], [-0.4, 0.6, -1.0, 0.0, 0.0, 0.0]]])
@@ -135,10 +143,7 @@ def test_contact_reach_closes_the_gates_of_far_slots():
     """Whatever the gate heads say, a slot out of every contact's reach keeps its place; in reach it moves."""
     torch.manual_seed(0)
     dyn = InteractionDynamics(16, 8, dt=0.2, contact_range=(0.10, 0.20))
-    with torch.no_grad():
-        for head in (dyn.pair_out, dyn.robot_out):
-            head[-1].weight.zero_()
-            head[-1].bias[:] = torch.tensor([30.0, 1.0, 0.5, 0.3])  # every gate wide open, a strong effect
+    _open_gates(dyn)
     robot = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.2, 0.0]])  # at the origin facing +x, driving
     # slot 0 just ahead of the pusher, slot 1 beside it (in reach of slot 0), slot 2 far from everything,
     # slot 3 0.3 m from the axle beside the robot: within the old round reach, but not touching
@@ -160,10 +165,7 @@ def test_pairs_off_leaves_only_the_robot_acting():
     """With `pairs=False` (the same weights) the slot next to a pushed slot stays; the pushed one still moves."""
     torch.manual_seed(0)
     dyn = InteractionDynamics(16, 8, dt=0.2, contact_range=(0.02, 0.20))
-    with torch.no_grad():
-        for head in (dyn.pair_out, dyn.robot_out):
-            head[-1].weight.zero_()
-            head[-1].bias[:] = torch.tensor([30.0, 1.0, 0.5, 0.3])
+    _open_gates(dyn)
     robot = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.2, 0.0]])
     # slot 0 just ahead of the pusher; slot 1 beside it, out of the robot's reach but in slot 0's
     phys = torch.tensor([[[0.12, 0.0, 0.0, 0.0, 0.0, 0.0], [0.12, 0.19, 0.0, 0.0, 0.0, 0.0]]])
