@@ -205,9 +205,8 @@ class InteractionDynamics(nn.Module):
             with torch.no_grad():
                 head[-1].bias[0] = -3.0  # gates start nearly closed: at first nothing touches anything
 
-    def interactions(self, phys: Tensor, h: Tensor, robot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """phys (B, K, 6), h (B, K, D), robot (B, 6) where the robot is and its command
-        -> raw accelerations (B, K, 3), pair gates (B, K, K) (diagonal 0), robot gates (B, K)."""
+    def _pair_effects(self, phys: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Slot-on-slot part: accelerations (B, K, 3) summed over the acting slots, gates (B, K, K)."""
         b, k, _ = phys.shape
         pos, vel = phys[..., :2], phys[..., 3:5]
         d = pos.unsqueeze(1) - pos.unsqueeze(2)  # (B, K, K, 2) [k, j] = p_j - p_k
@@ -228,9 +227,17 @@ class InteractionDynamics(nn.Module):
         gate = gate.masked_fill(eye, 0.0)
         # an effect "along" pushes k away from j (negative u), like a contact force
         pair_acc = torch.cat([-out[..., 1:2] * u + out[..., 2:3] * u_perp, out[..., 3:4]], -1)
-        if not self.pairs:  # only the robot acts on slots (its weights are kept: a switch at rollout time)
-            gate = torch.zeros_like(gate)
-        acc = (gate.unsqueeze(-1) * pair_acc).sum(2)
+        return (gate.unsqueeze(-1) * pair_acc).sum(2), gate
+
+    def interactions(self, phys: Tensor, h: Tensor, robot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """phys (B, K, 6), h (B, K, D), robot (B, 6) where the robot is and its command
+        -> raw accelerations (B, K, 3), pair gates (B, K, K) (diagonal 0), robot gates (B, K)."""
+        b, k, _ = phys.shape
+        pos, vel = phys[..., :2], phys[..., 3:5]
+        if self.pairs:
+            acc, gate = self._pair_effects(phys, h)
+        else:  # only the robot acts on slots (the pair weights are kept: a switch at rollout time)
+            acc, gate = phys.new_zeros(b, k, 3), phys.new_zeros(b, k, k)
 
         # the robot on each slot, in the robot's frame (x forward, y left)
         c, s = robot[:, 2:3], robot[:, 3:4]
